@@ -1,0 +1,3 @@
+from obdfuse.cli import main
+
+main()

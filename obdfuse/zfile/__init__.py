@@ -1,0 +1,1 @@
+"""ZFile: overlaybd block-compressed random-access files (spec §1, §2)."""

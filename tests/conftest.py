@@ -1,0 +1,18 @@
+"""Shared fixtures: where the reference samples are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO.parent / "shared" / "samples"
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """The read-only reference samples written by the C++ overlaybd tools."""
+    if not SAMPLES.is_dir():
+        pytest.fail(f"reference samples not found at {SAMPLES} (shared/ must sit beside the repo)")
+    return SAMPLES
