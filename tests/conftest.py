@@ -16,3 +16,12 @@ def samples() -> Path:
     if not SAMPLES.is_dir():
         pytest.fail(f"reference samples not found at {SAMPLES} (shared/ must sit beside the repo)")
     return SAMPLES
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A fresh, empty docker-registry on 127.0.0.1 (stopped after the test)."""
+    from tests.support.registry import RegistryServer
+
+    with RegistryServer(tmp_path / "registry") as server:
+        yield server
