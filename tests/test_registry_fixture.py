@@ -10,7 +10,7 @@ import urllib.request
 def test_registry_accepts_a_blob_and_serves_ranges(registry) -> None:
     data = bytes(range(256)) * 64
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    req = urllib.request.Request(f"{registry.url}/v2/t/blobs/uploads/", method="POST")
+    req = urllib.request.Request(f"{registry.url}/v2/t/blobs/uploads/", data=b"", method="POST")
     with urllib.request.urlopen(req) as r:
         location = r.headers["Location"]
     sep = "&" if "?" in location else "?"
