@@ -15,6 +15,7 @@ def test_registry_accepts_a_blob_and_serves_ranges(registry) -> None:
         location = r.headers["Location"]
     sep = "&" if "?" in location else "?"
     put = urllib.request.Request(f"{location}{sep}digest={digest}", data=data, method="PUT")
+    put.add_header("Content-Type", "application/octet-stream")
     with urllib.request.urlopen(put) as r:
         assert r.status == 201
     get = urllib.request.Request(f"{registry.url}/v2/t/blobs/{digest}")
