@@ -31,6 +31,7 @@ import os
 import shutil
 import stat
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,16 +89,102 @@ def open_tar_stream(raw: BinaryIO) -> BinaryIO:
     """A readable stream of the uncompressed tar, whatever compression `raw` uses.
 
     Detection is by magic, not by media type (registries and tools mislabel layers).
+    `raw` is read sequentially and never closed.
     """
-    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, 1 << 20)
-    kind = detect_compression(buffered.peek(4)[:4])
+    head = _read_exactly(raw, 4)
+    peeked = _PrefixedStream(head, raw)
+    kind = detect_compression(head)
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=peeked, mode="rb")  # type: ignore[return-value]
     if kind == "zstd":
         return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
-            buffered, read_size=1 << 20, read_across_frames=True
+            peeked, read_size=1 << 20, read_across_frames=True, closefd=False
         )
-    return buffered
+    return peeked  # type: ignore[return-value]
+
+
+def _read_exactly(raw: BinaryIO, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = raw.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+class _PrefixedStream(io.RawIOBase):
+    """`head` followed by the rest of `raw` (peeking without a closing wrapper)."""
+
+    def __init__(self, head: bytes, raw: BinaryIO) -> None:
+        self._head = head
+        self._raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        if self._head:
+            n = min(len(buf), len(self._head))
+            buf[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._raw.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n is None or n < 0:
+                out, self._head = self._head + self._raw.read(), b""
+                return out
+            out, self._head = self._head[:n], self._head[n:]
+            return out
+        return self._raw.read(n)
+
+    def close(self) -> None:  # the caller owns raw
+        self._head = b""
+        super().close()
+
+
+class _BlockPaddedStream(io.RawIOBase):
+    """The tar stream, zero-padded at EOF to a whole 512-byte block.
+
+    Some writers (umoci insert, for one) end a layer right after the last member's
+    data, without padding or end-of-archive blocks; Go's reader accepts that, so do
+    we. The padding can never stand in for missing file data: `real_bytes` lets the
+    applier check that each file's data really was in the stream.
+    """
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+        self.real_bytes = 0
+        self._pad: int | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pad is None:
+            data = self._inner.read(n if n is not None and n >= 0 else 1 << 20)
+            if data or n == 0:
+                self.real_bytes += len(data)
+                return data
+            self._pad = -self.real_bytes % 512
+        k = self._pad if n is None or n < 0 else min(n, self._pad)
+        self._pad -= k
+        return bytes(k)
+
+
+def drain(stream: BinaryIO) -> None:
+    """Read a stream to its end (so digest checks below it run)."""
+    while stream.read(1 << 20):
+        pass
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -132,13 +219,13 @@ def iter_tar(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFil
             encoding="utf-8",
             errors="surrogateescape",
         )
-    except tarfile.ReadError as exc:
+    except (tarfile.ReadError, OSError, EOFError, zstandard.ZstdError) as exc:
         raise FormatError(f"not a tar stream: {exc}") from exc
     with tf:
         while True:
             try:
                 member = tf.next()
-            except tarfile.TarError as exc:
+            except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as exc:
                 raise FormatError(f"bad tar stream after {tf.offset} bytes: {exc}") from exc
             if member is None:
                 return
@@ -261,15 +348,44 @@ def apply_layer(
 ) -> ApplyStats:
     """Apply the layer blob `raw` (tar, tar+gzip or tar+zstd) onto the tree at `root`.
 
-    Reads `raw` once, sequentially, up to the end of the tar archive.
+    Reads `raw` once, sequentially, to its very end (so a verifying stream below
+    checks its digest), but never closes it.
     """
-    stream = open_tar_stream(raw)
+    try:
+        return _apply_stream(raw, root, layer_name, on_entry)
+    except FormatError:
+        # A damaged blob usually shows up as a tar/decompression error first; if the
+        # blob also fails its digest, that is the error worth reporting.
+        drain(raw)
+        raise
+
+
+def _apply_stream(
+    raw: BinaryIO,
+    root: str | os.PathLike[str],
+    layer_name: str,
+    on_entry: Callable[[tarfile.TarInfo], None] | None,
+) -> ApplyStats:
+    try:
+        stream = open_tar_stream(raw)
+    except OSError as exc:
+        raise FormatError(f"{layer_name}: cannot decompress: {exc}") from exc
+    padded = _BlockPaddedStream(stream)
     with contextlib.closing(LayerApplier(root, layer_name=layer_name)) as applier:
-        for member, tf in iter_tar(stream):
-            applier.apply_member(member, tf)
-            if on_entry is not None:
-                on_entry(member)
+        applier.source = padded
+        try:
+            for member, tf in iter_tar(padded):  # type: ignore[arg-type]
+                applier.apply_member(member, tf)
+                if on_entry is not None:
+                    on_entry(member)
+        except (EOFError, zstandard.ZstdError) as exc:
+            raise FormatError(f"{layer_name}: cannot decompress: {exc}") from exc
         applier.finish()
+        try:
+            drain(stream)  # padding after the end-of-archive blocks
+        except (OSError, EOFError, zstandard.ZstdError) as exc:
+            raise FormatError(f"{layer_name}: bad data after the end of the tar: {exc}") from exc
+        drain(raw)
         return applier.stats
 
 
@@ -280,6 +396,7 @@ class LayerApplier:
         self.tree = RootedTree(root)
         self.layer_name = layer_name
         self.stats = ApplyStats()
+        self.source: _BlockPaddedStream | None = None  # to check file data was really there
         self._touched: set[tuple[str, ...]] = set()
         self._dir_times: list[tuple[tuple[str, ...], int]] = []
         try:
@@ -301,6 +418,10 @@ class LayerApplier:
             raise UnsafeEntryError(f"{self.layer_name}: entry {member.name!r}: {exc}") from None
         except FormatError as exc:
             raise FormatError(f"{self.layer_name}: entry {member.name!r}: {exc}") from exc
+        except (zlib.error, zstandard.ZstdError, EOFError, gzip.BadGzipFile) as exc:
+            raise FormatError(
+                f"{self.layer_name}: entry {member.name!r}: corrupt compressed data: {exc}"
+            ) from exc
         except OSError as exc:
             what = exc.strerror or str(exc)
             raise ApplyError(
@@ -481,6 +602,10 @@ class LayerApplier:
                 pos += n
             if pos != member.size:
                 raise FormatError(f"data ends after {pos} of {member.size} bytes")
+            if self.source is not None and not member.sparse:
+                missing = member.offset_data + member.size - self.source.real_bytes
+                if missing > 0:
+                    raise FormatError(f"the stream ends {missing} bytes before this file's end")
             os.ftruncate(fd, pos)
             self.stats.files += 1
             self.stats.bytes_written += pos
