@@ -643,7 +643,7 @@ class LayerApplier:
                     )
                     continue
                 raise OSError(exc.errno, f"setting xattr {xname}: {exc.strerror}") from exc
-        ns = int(member.mtime * 1_000_000_000)
+        ns = mtime_ns(member)
         if is_dir:
             self._dir_times.append((key, ns))
         else:
@@ -662,6 +662,21 @@ class LayerApplier:
             finally:
                 os.close(fd)
         self._dir_times.clear()
+
+
+def mtime_ns(member: tarfile.TarInfo) -> int:
+    """The entry's mtime in ns, exact for PAX decimal mtimes (floats would round)."""
+    text = member.pax_headers.get("mtime")
+    if text:
+        whole, _, frac = text.strip().partition(".")
+        try:
+            sign = -1 if whole.startswith("-") else 1
+            seconds = int(whole)
+            nanos = int((frac + "000000000")[:9]) if frac else 0
+            return seconds * 1_000_000_000 + sign * nanos
+        except ValueError:
+            raise FormatError(f"bad PAX mtime {text!r}") from None
+    return int(member.mtime) * 1_000_000_000
 
 
 def _xattrs(member: tarfile.TarInfo) -> Iterator[tuple[str, bytes]]:
