@@ -95,8 +95,13 @@ def test_decode_rejects_wrong_magic_and_short_slots() -> None:
 
 
 def _geometry(**kw) -> fmt.HeaderTrailer:
-    base = {"flags": fmt.FLAGS_TRAILER, "index_offset": 512 + 100, "index_size": 2,
-            "original_file_size": 8000, "block_size": 4096}
+    base = {
+        "flags": fmt.FLAGS_TRAILER,
+        "index_offset": 512 + 100,
+        "index_size": 2,
+        "original_file_size": 8000,
+        "block_size": 4096,
+    }
     base.update(kw)
     return fmt.HeaderTrailer(**base)
 
