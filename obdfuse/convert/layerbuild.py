@@ -135,6 +135,7 @@ def build_layer(
         progress=progress,
         label=name,
     )
+    os.chmod(out, 0o644)  # a blob, readable like any other
     digest, size = file_digest(out)
     return BuiltLayer(out, digest, size, layer_uuid)
 
