@@ -189,9 +189,7 @@ def verify(src: str) -> None:
         for b in bad:
             click.echo(f"{src}: block {b.block} at offset {b.offset}: {b.reason}", err=True)
         listed = ", ".join(str(b.block) for b in bad[:20]) + (", ..." if len(bad) > 20 else "")
-        raise ObdfuseError(
-            f"{src}: {len(bad)} of {reader.n_blocks} ZFile blocks are bad: {listed}"
-        )
+        raise ObdfuseError(f"{src}: {len(bad)} of {reader.n_blocks} ZFile blocks are bad: {listed}")
     click.echo(f"{src}: all {reader.n_blocks} blocks OK ({what})")
 
 
