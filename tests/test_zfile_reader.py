@@ -281,3 +281,20 @@ def test_wrong_original_size_is_caught_by_length_check(good) -> None:
 def test_unsupported_algorithm(good) -> None:
     with pytest.raises(FormatError, match="unsupported compression algorithm 0"):
         read_all(patch_slot(good, -512, algorithm=0))
+
+
+def test_last_block_longer_than_the_file_says() -> None:
+    """A last block that decodes to a full block when the sizes promise less is corrupt."""
+    zf = make_zfile(os.urandom(8192), seekable=False)
+    bad = patch_slot(zf, -512, original_file_size=8000)
+    with pytest.raises(
+        CorruptDataError, match=r"block 1 .*decompressed to 4096 bytes, expected 3808"
+    ):
+        read_all(bad)
+
+    async def small_read() -> None:
+        reader = await ZFileReader.open(BytesBlob(bad, name="mem.zfile"))
+        with pytest.raises(CorruptDataError, match="expected 3808"):
+            await reader.pread(4096, 10)
+
+    trio.run(small_read)

@@ -84,6 +84,8 @@ class ZFileReader:
         self._tail = self._size - (self._n - 1) * self._bs if self._n else 0
         self._cached_no = -1
         self._cached: bytes = b""
+        # FileBlob offers a blocking pread for data that is on local disk (page cache)
+        self._sync_pread = getattr(inner, "pread_sync", None)
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -200,13 +202,33 @@ class ZFileReader:
         offsets = self._offsets
         start = offsets[first]
         stop = offsets[last + 1]
-        raw = await self.inner.pread(start, stop - start)
+        sync_pread = self._sync_pread
+        if sync_pread is not None:  # local files: skip a coroutine per call
+            raw = sync_pread(start, stop - start)
+        else:
+            raw = await self.inner.pread(start, stop - start)
         if len(raw) != stop - start:
             raise FormatError(
                 f"{self.name}: short read of ZFile blocks {first}..{last} at offset "
                 f"{self.blob_offset + start} ({len(raw)} of {stop - start} bytes; truncated?)"
             )
-        return self._decode_run(first, last, raw, start, lo, end - ((last) << shift))
+        if first == last:  # the common small read: one block, no join
+            n = stop - start
+            strip = self._strip
+            if not self.verify or _std_crc32c(raw, _SALT_STD) == _RESIDUE_STD:
+                try:
+                    block = self._raw_decompress(
+                        memoryview(raw)[: n - strip] if strip else raw, self._bs
+                    )
+                except Exception:
+                    block = None
+                want = self._tail if first == self._n - 1 else self._bs
+                if block is not None and len(block) == want:
+                    self._cached_no = first
+                    self._cached = block
+                    hi = end - (first << shift)
+                    return block if lo == 0 and hi == len(block) else block[lo:hi]
+        return self._decode_run(first, last, raw, start, lo, end - (last << shift))
 
     # --- decoding --------------------------------------------------------------------------
 
@@ -220,6 +242,8 @@ class ZFileReader:
         decompress = self._raw_decompress
         crc = _std_crc32c
         bs = self._bs
+        last_index = self._n - 1
+        tail = self._tail
         parts = []
         append = parts.append
         a = offsets[first] - base
@@ -229,7 +253,9 @@ class ZFileReader:
                 if verify and crc(mv[a:b], _SALT_STD) != _RESIDUE_STD:
                     break
                 data = decompress(mv[a : b - strip], bs)
-                if len(data) != bs and (i != self._n - 1 or len(data) != self._tail):
+                if (len(data) != bs or i == last_index) and len(data) != (
+                    tail if i == last_index else bs
+                ):
                     break
                 append(data)
                 a = b
@@ -259,7 +285,7 @@ class ZFileReader:
             data = self._decompress(stored[: b - a - self._strip], self._bs)
         except CodecError as exc:
             raise self._block_error(i, str(exc)) from None
-        if len(data) != self._bs and (i != self._n - 1 or len(data) != self._tail):
+        if len(data) != (self._tail if i == self._n - 1 else self._bs):
             raise self._length_error(i, len(data))
         return data
 
