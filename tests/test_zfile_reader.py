@@ -288,13 +288,13 @@ def test_last_block_longer_than_the_file_says() -> None:
     zf = make_zfile(os.urandom(8192), seekable=False)
     bad = patch_slot(zf, -512, original_file_size=8000)
     with pytest.raises(
-        CorruptDataError, match=r"block 1 .*decompressed to 4096 bytes, expected 3808"
+        CorruptDataError, match=r"block 1 .*decompressed to 4096 bytes, expected 3904"
     ):
         read_all(bad)
 
     async def small_read() -> None:
         reader = await ZFileReader.open(BytesBlob(bad, name="mem.zfile"))
-        with pytest.raises(CorruptDataError, match="expected 3808"):
+        with pytest.raises(CorruptDataError, match="expected 3904"):
             await reader.pread(4096, 10)
 
     trio.run(small_read)
