@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from itertools import pairwise
 
 from crc32c import crc32c as _std_crc32c
 
@@ -238,30 +239,29 @@ class ZFileReader:
         mv = memoryview(raw)
         offsets = self._offsets
         verify = self.verify
-        strip = self._strip
+        keep = -self._strip or None  # slice end that drops the checksum
         decompress = self._raw_decompress
         crc = _std_crc32c
         bs = self._bs
-        last_index = self._n - 1
-        tail = self._tail
-        parts = []
+        count = last + 1 - first
+        ends_file = last == self._n - 1
+        bounds = [x - base for x in offsets[first : last + 2]]
+        parts: list = []
         append = parts.append
-        a = offsets[first] - base
         try:
-            for i in range(first, last + 1):
-                b = offsets[i + 1] - base
-                if verify and crc(mv[a:b], _SALT_STD) != _RESIDUE_STD:
+            for a, b in pairwise(bounds):
+                stored = mv[a:b]
+                if verify and crc(stored, _SALT_STD) != _RESIDUE_STD:
                     break
-                data = decompress(mv[a : b - strip], bs)
-                if (len(data) != bs or i == last_index) and len(data) != (
-                    tail if i == last_index else bs
-                ):
+                data = decompress(stored[:keep], bs)
+                if len(data) != bs and not (ends_file and len(parts) == count - 1):
                     break
                 append(data)
-                a = b
         except Exception:
             pass
-        if len(parts) != last + 1 - first:
+        if ends_file and len(parts) == count and len(parts[-1]) != self._tail:
+            parts.pop()  # the file's last block must have exactly the tail length
+        if len(parts) != count:
             # rare: the checked slow path raises a precise error naming the block
             for j in range(first + len(parts), last + 1):
                 append(self._decode(j, mv, offsets[j] - base, offsets[j + 1] - base))
