@@ -298,3 +298,33 @@ def test_last_block_longer_than_the_file_says() -> None:
             await reader.pread(4096, 10)
 
     trio.run(small_read)
+
+
+def test_one_reader_shared_by_threads(tmp_path) -> None:
+    """The daemon may decode in worker threads: the block cache must stay consistent."""
+    import threading
+
+    data = os.urandom(4096 * 64)
+    path = tmp_path / "shared.zfile"
+    path.write_bytes(make_zfile(data))
+    reader = trio.run(ZFileReader.open, FileBlob(path))
+    failures: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+
+        async def reads() -> None:
+            for _ in range(1500):
+                off = rng.randrange(len(data))
+                n = rng.choice([1, 100, 4096, 9000])
+                if await reader.pread(off, n) != data[off : off + n]:
+                    failures.append(f"wrong bytes at {off}+{n}")
+
+        trio.run(reads)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

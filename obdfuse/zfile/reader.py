@@ -15,7 +15,7 @@ from itertools import pairwise
 
 from crc32c import crc32c as _std_crc32c
 
-from obdfuse.blob import Blob, SliceBlob
+from obdfuse.blob import Blob, FileBlob, SliceBlob
 from obdfuse.crc import SALT, crc_salt, salted_block_ok
 from obdfuse.errors import CorruptDataError, FormatError
 from obdfuse.tarwrap import HEAD_SIZE, parse_wrapper
@@ -83,10 +83,11 @@ class ZFileReader:
         self._decompress = DECOMPRESSORS[ht.algorithm]
         self._raw_decompress = RAW_DECOMPRESSORS[ht.algorithm]
         self._tail = self._size - (self._n - 1) * self._bs if self._n else 0
-        self._cached_no = -1
-        self._cached: bytes = b""
+        # (block number, bytes) of the last decoded block; one tuple so that concurrent
+        # readers (threads) can never pair a block number with another block's bytes
+        self._cached: tuple[int, bytes] = (-1, b"")
         # FileBlob offers a blocking pread for data that is on local disk (page cache)
-        self._sync_pread = getattr(inner, "pread_sync", None)
+        self._sync_pread = inner.pread_sync if isinstance(inner, FileBlob) else None
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -179,7 +180,7 @@ class ZFileReader:
         return self.inner.size
 
     async def aclose(self) -> None:
-        self._cached = b""
+        self._cached = (-1, b"")
         await self.inner.aclose()
 
     async def pread(self, offset: int, length: int) -> bytes:
@@ -195,8 +196,8 @@ class ZFileReader:
         first = offset >> shift
         last = (end - 1) >> shift
         lo = offset - (first << shift)
-        if first == last and first == self._cached_no:
-            block = self._cached
+        cached_no, block = self._cached
+        if first == last and first == cached_no:
             return (
                 block if lo == 0 and end - offset == len(block) else block[lo : lo + end - offset]
             )
@@ -225,8 +226,7 @@ class ZFileReader:
                     block = None
                 want = self._tail if first == self._n - 1 else self._bs
                 if block is not None and len(block) == want:
-                    self._cached_no = first
-                    self._cached = block
+                    self._cached = (first, block)
                     hi = end - (first << shift)
                     return block if lo == 0 and hi == len(block) else block[lo:hi]
         return self._decode_run(first, last, raw, start, lo, end - (last << shift))
@@ -266,8 +266,7 @@ class ZFileReader:
             for j in range(first + len(parts), last + 1):
                 append(self._decode(j, mv, offsets[j] - base, offsets[j + 1] - base))
         last_block = parts[-1]
-        self._cached_no = last
-        self._cached = last_block
+        self._cached = (last, last_block)
         if first == last:
             return last_block if lo == 0 and hi == len(last_block) else last_block[lo:hi]
         if lo:
