@@ -10,6 +10,7 @@ about tar (see `obdfuse.tarwrap`).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 from array import array
@@ -26,7 +27,6 @@ from obdfuse.zfile.format import (
     FLAGS_INITIAL_HEADER,
     FLAGS_OVERWRITTEN_HEADER,
     FLAGS_TRAILER,
-    SLOT_SIZE,
     UPSTREAM_MAX_STORED_BLOCK,
     WRITER_BLOCK_SIZES,
     HeaderTrailer,
@@ -61,13 +61,21 @@ def _compress_batch(
     return b"".join(parts), sizes
 
 
-def _can_overwrite(fileobj: BinaryIO) -> bool:
+def can_rewrite(fileobj: BinaryIO) -> bool:
+    """True if we may seek back in `fileobj` and overwrite bytes already written
+    (seekable, and not opened for appending, where every write lands at the end)."""
     try:
         if not fileobj.seekable():
             return False
     except (AttributeError, OSError, ValueError):
         return False
-    return "a" not in getattr(fileobj, "mode", "")
+    if "a" in getattr(fileobj, "mode", ""):
+        return False
+    try:
+        fd = fileobj.fileno()
+    except (AttributeError, OSError, ValueError):
+        return True  # an in-memory file
+    return not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
 
 
 class ZFileWriter:
@@ -110,7 +118,7 @@ class ZFileWriter:
                 f"compressor is for algorithm {self._codec.algorithm}, not {algorithm}"
             )
         self._allow_big = allow_upstream_unreadable
-        self._overwrite = _can_overwrite(fileobj) if overwrite_header is None else overwrite_header
+        self._overwrite = can_rewrite(fileobj) if overwrite_header is None else overwrite_header
         self._start = fileobj.tell() if self._overwrite else 0
         self._slot = HeaderTrailer(
             flags=FLAGS_INITIAL_HEADER,
@@ -260,4 +268,4 @@ class ZFileWriter:
             self.abort()
 
 
-__all__ = ["SLOT_SIZE", "UpstreamLimitError", "ZFileWriter"]
+__all__ = ["UpstreamLimitError", "ZFileWriter", "can_rewrite"]
