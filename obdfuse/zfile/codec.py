@@ -149,17 +149,31 @@ def _system_zstd() -> Compress | None:
     string_at = ctypes.string_at
     is_error = lib.ZSTD_isError
 
+    lib.ZSTD_freeCCtx.argtypes = [ctypes.c_void_p]
+
+    class _Context:
+        """A ZSTD_CCtx owned by one thread, freed when the thread's locals go away."""
+
+        def __init__(self) -> None:
+            self.ptr = lib.ZSTD_createCCtx()
+            if not self.ptr:
+                raise MemoryError("ZSTD_createCCtx failed")
+
+        def __del__(self) -> None:
+            if self.ptr:
+                lib.ZSTD_freeCCtx(self.ptr)
+                self.ptr = None
+
     def compress(data: bytes) -> bytes:
-        cctx = getattr(local, "cctx", None)
-        if cctx is None:
-            # one context per thread, kept for the thread's life (a few hundred KiB)
-            cctx = local.cctx = lib.ZSTD_createCCtx()
+        ctx = getattr(local, "ctx", None)
+        if ctx is None:
+            ctx = local.ctx = _Context()
             local.buf = ctypes.create_string_buffer(65536 + 65536 // 128 + 1024)
         buf = local.buf
         n = len(data)
         if n + n // 128 + 1024 > len(buf):
             buf = local.buf = ctypes.create_string_buffer(n + n // 128 + 1024)
-        out = fn(cctx, buf, len(buf), data, n, ZSTD_LEVEL)
+        out = fn(ctx.ptr, buf, len(buf), data, n, ZSTD_LEVEL)
         if is_error(out):
             raise ObdfuseError(f"libzstd failed to compress a {n}-byte block")
         return string_at(buf, out)
