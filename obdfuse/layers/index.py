@@ -24,13 +24,39 @@ DATA = 2  # data at (tag, moffset)
 class SegmentIndex:
     """An immutable index of sorted, non-overlapping mappings (sectors)."""
 
-    __slots__ = ("end", "segs")
+    __slots__ = ("_table", "end", "segs")
 
     def __init__(self, segs: Segments, *, check: bool = True) -> None:
         if check and len(segs) > 1 and (segs.end[:-1] > segs.offset[1:]).any():
             raise ValueError("segments are unsorted or overlap")
         self.segs = segs
         self.end = segs.end
+        self._table: np.ndarray | None = None
+
+    @property
+    def table(self) -> np.ndarray:
+        """Rows (offset, end, moffset, source) with source -1 for zeroed; built on first use.
+
+        One slice + tolist() of this gives a lookup everything it needs.
+        """
+        if self._table is None:
+            s = self.segs
+            source = np.where(s.zeroed, -1, s.tag.astype(np.int64))
+            self._table = np.column_stack((s.offset, self.end, s.moffset, source))
+        return self._table
+
+    def rows(self, start: int, end: int) -> list[list[int]]:
+        """[offset, end, moffset, source] of the mappings overlapping [start, end), untrimmed."""
+        i = int(self.end.searchsorted(start, side="right"))
+        table = self.table
+        k = 8
+        rows = table[i : i + k].tolist()
+        while len(rows) == k and rows[-1][0] < end:  # long reads: fetch more rows
+            k *= 4
+            rows = table[i : i + k].tolist()
+        while rows and rows[-1][0] >= end:
+            rows.pop()
+        return rows
 
     @classmethod
     def empty(cls) -> SegmentIndex:

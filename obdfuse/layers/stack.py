@@ -50,6 +50,7 @@ class Stack:
         self.merged = merge_stack(
             [layer.segments.with_tag(i) for i, layer in reversed(list(enumerate(self.lowers)))]
         )
+        _ = self.merged.table  # build the lookup table now, not on the first read
         self._size = self._virtual_size()
         self._alloc_cache: tuple[int, int] | None = None
 
@@ -238,29 +239,24 @@ def _collect(
     """Append pieces of `index` inside `gaps` to `out`; return what is still unmapped.
 
     Zeroed mappings produce pieces with tag -1 so they hide lower layers.
+    `tag` overrides the index's own source tags (for the upper layer).
     """
-    segs = index.segs
     left: list[tuple[int, int]] = []
     for g0, g1 in gaps:
-        i, j = index.find(g0, g1)
-        if i == j:
+        rows = index.rows(g0, g1)
+        if not rows:
             left.append((g0, g1))
             continue
-        offs = segs.offset[i:j].tolist()
-        ends = index.end[i:j].tolist()
-        moffs = segs.moffset[i:j].tolist()
-        zeroed = segs.zeroed[i:j].tolist()
-        tags = segs.tag[i:j].tolist() if tag is None else None
         pos = g0
-        for k in range(j - i):
-            a = max(offs[k], g0)
-            b = min(ends[k], g1)
+        for off, end, moff, source in rows:
+            a = off if off > g0 else g0
+            b = end if end < g1 else g1
             if a > pos:
                 left.append((pos, a))
-            if zeroed[k]:
+            if source < 0:
                 out.append((a, b - a, -1, 0))
             else:
-                out.append((a, b - a, tag if tags is None else tags[k], moffs[k] + a - offs[k]))
+                out.append((a, b - a, source if tag is None else tag, moff + a - off))
             pos = b
         if pos < g1:
             left.append((pos, g1))
