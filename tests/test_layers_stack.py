@@ -22,7 +22,7 @@ from tests.support.layers import apply_ops, commit_to, random_ops
 
 SIZE = 1 << 20
 
-COMMIT_KINDS = ["plain"]
+COMMIT_KINDS = ["plain", "lz4", "zstd", "lz4+tar", "plain+tar"]
 
 
 async def build_stack(tmp: Path, seeds: list[int], kinds: list[str]):
@@ -36,8 +36,15 @@ async def build_stack(tmp: Path, seeds: list[int], kinds: list[str]):
         apply_ops(rw, model, random_ops(rng, SIZE, rng.randint(1, 40)), rng)
         live = Stack(lowers, rw)
         assert await live.pread(0, SIZE) == model
-        options = {"zfile": kind != "plain", "algorithm": kind if kind != "plain" else "lz4"}
-        lowers.append(await commit_to(rw, tmp / f"l{i}", **options))
+        algorithm, _, tar = kind.partition("+")
+        options = {
+            "zfile": algorithm != "plain",
+            "algorithm": "lz4" if algorithm == "plain" else algorithm,
+            "tar": bool(tar),
+        }
+        layer = await commit_to(rw, tmp / f"l{i}", **options)
+        assert layer.wrapping == [w for w in ("tar", "zfile") if options[w]]
+        lowers.append(layer)
         rw.close()
     return Stack(lowers), model
 
