@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from obdfuse.blob import clamp
-from obdfuse.errors import FormatError
+from obdfuse.errors import FormatError, ObdfuseError
 from obdfuse.layers.index import SegmentIndex, merge_stack, overlay
 from obdfuse.layers.sealed import SealedLayer
 from obdfuse.layers.segment import SECTOR, Segments
@@ -46,7 +46,7 @@ class Stack:
         self.upper = upper
         self._read_only = upper is None or upper.read_only if read_only is None else read_only
         if not self._read_only and upper is None:
-            raise ValueError("a writable stack needs an upper layer")
+            raise ObdfuseError("a writable image needs an upper (writable) layer")
         self.merged = merge_stack(
             [layer.segments.with_tag(i) for i, layer in reversed(list(enumerate(self.lowers)))]
         )
