@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from obdfuse.layers.segment import Segments, concat, empty_segments, make_segments
+from obdfuse.layers.segment import Segments, concat, empty_segments
 
 _BIG = np.int64(1 << 62)
 
@@ -192,6 +192,38 @@ def _paint(log: Segments) -> Segments:
     return Segments(start, stop - start, moff, zeroed, log.tag[w])
 
 
+def splice(index: SegmentIndex, offset: int, length: int, moffset: int, zeroed: bool) -> Segments:
+    """`index` with one new mapping laid over it (tag 0): O(log n) search + one copy."""
+    segs, ends = index.segs, index.end
+    stop = offset + length
+    i = int(ends.searchsorted(offset, side="right"))
+    j = int(segs.offset.searchsorted(stop, side="left"))
+    offs, lens, moffs, zers = [offset], [length], [moffset], [zeroed]
+    if i < j:
+        first_off = int(segs.offset[i])
+        if first_off < offset:  # keep the head of the first overlapped mapping
+            offs.insert(0, first_off)
+            lens.insert(0, offset - first_off)
+            moffs.insert(0, int(segs.moffset[i]))
+            zers.insert(0, bool(segs.zeroed[i]))
+        last_end = int(ends[j - 1])
+        if last_end > stop:  # keep the tail of the last one
+            z = bool(segs.zeroed[j - 1])
+            shift = 0 if z else stop - int(segs.offset[j - 1])
+            offs.append(stop)
+            lens.append(last_end - stop)
+            moffs.append(int(segs.moffset[j - 1]) + shift)
+            zers.append(z)
+    n = len(offs)
+    return Segments(
+        np.concatenate((segs.offset[:i], np.array(offs, dtype=np.int64), segs.offset[j:])),
+        np.concatenate((segs.length[:i], np.array(lens, dtype=np.int64), segs.length[j:])),
+        np.concatenate((segs.moffset[:i], np.array(moffs, dtype=np.int64), segs.moffset[j:])),
+        np.concatenate((segs.zeroed[:i], np.array(zers, dtype=bool), segs.zeroed[j:])),
+        np.concatenate((segs.tag[:i], np.zeros(n, dtype=np.uint8), segs.tag[j:])),
+    )
+
+
 class MutableSegmentIndex:
     """A writable layer's index: cheap single inserts, later wins.
 
@@ -208,8 +240,9 @@ class MutableSegmentIndex:
 
     def insert(self, offset: int, length: int, moffset: int, zeroed: bool = False) -> None:
         """Map sectors [offset, offset+length); overrides what was there."""
-        new = make_segments([offset], [length], [moffset], [zeroed])
-        self.pending = SegmentIndex(overlay(new, self.pending.segs), check=False)
+        self.pending = SegmentIndex(
+            splice(self.pending, offset, length, moffset, zeroed), check=False
+        )
         self.version += 1
         if len(self.pending) >= self.FOLD_AT:
             self.fold()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,12 @@ from obdfuse.layers.segment import (
     SECTOR,
     Segments,
     decode,
-    encode,
     make_segments,
 )
 
 log = logging.getLogger(__name__)
 
+_ENTRY = struct.Struct("<QQ")  # one SegmentMapping (lo, hi), tag 0 (§3.3)
 MAX_IO_SIZE = 4 << 20  # writes are split into 4 MiB pieces (§3.5)
 HEADER_SECTORS = SLOT_SIZE // SECTOR
 
@@ -279,7 +280,7 @@ class WritableLayer:
         return self.index.flat().data_sectors() * SECTOR
 
     def _append_log(self, offset: int, length: int, moffset: int, *, zeroed: bool) -> None:
-        entry = encode(make_segments([offset], [length], [moffset], [zeroed]))
+        entry = _ENTRY.pack(offset | (length << 50), moffset | (int(zeroed) << 55))
         assert self._index_fd is not None
         _pwrite_all(self._index_fd, entry, self._index_end)
         self._index_end += ENTRY_SIZE
