@@ -165,3 +165,39 @@ def test_merged_index_prefers_the_top_layer(tmp_path):
         b.close()
 
     trio.run(go)
+
+
+class SlowBlob:
+    """A Blob wrapper that records how many reads are in flight at once."""
+
+    def __init__(self, inner, stats: dict) -> None:
+        self.inner, self.name, self.stats = inner, inner.name, stats
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self.stats["now"] += 1
+        self.stats["max"] = max(self.stats["max"], self.stats["now"])
+        await trio.sleep(0.01)
+        self.stats["now"] -= 1
+        return await self.inner.pread(offset, length)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_parallel_reads_fetch_runs_of_several_layers_at_once(tmp_path, parallel):
+    async def go():
+        stack, model = await build_stack(tmp_path, [31, 32, 33], ["plain"] * 3)
+        stats = {"now": 0, "max": 0}
+        for layer in stack.lowers:
+            layer.blob = SlowBlob(layer.blob, stats)
+        stack.parallel_reads = parallel
+        assert await stack.pread(0, SIZE) == model
+        assert (stats["max"] > 1) == parallel
+        await stack.aclose()
+
+    trio.run(go)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import trio
 
 from obdfuse.blob import clamp
 from obdfuse.errors import FormatError, ObdfuseError
@@ -39,11 +40,15 @@ class Stack:
         upper: WritableLayer | None = None,
         *,
         read_only: bool | None = None,
+        parallel_reads: bool = False,
     ) -> None:
+        """`parallel_reads`: fetch the runs of one read concurrently (trio tasks); worth it
+        when layers are remote, a waste of task overhead for local files."""
         if len(lowers) > MAX_STACK_LAYERS:
             raise FormatError(f"{len(lowers)} layers exceed the limit of {MAX_STACK_LAYERS}")
         self.lowers = list(lowers)
         self.upper = upper
+        self.parallel_reads = parallel_reads
         self._read_only = upper is None or upper.read_only if read_only is None else read_only
         if not self._read_only and upper is None:
             raise ObdfuseError("a writable image needs an upper (writable) layer")
@@ -90,9 +95,18 @@ class Stack:
                 data = await self._source_read(tag, moff, count)
                 return data if skip == 0 and len(data) == n else data[skip : skip + n]
         buf = bytearray((s1 - s0) * SECTOR)
-        for start, count, tag, moff in runs:
+
+        async def fill(start: int, count: int, tag: int, moff: int) -> None:
             pos = (start - s0) * SECTOR
             buf[pos : pos + count * SECTOR] = await self._source_read(tag, moff, count)
+
+        if self.parallel_reads and len(runs) > 1:
+            async with trio.open_nursery() as nursery:
+                for run in runs:
+                    nursery.start_soon(fill, *run)
+        else:
+            for run in runs:
+                await fill(*run)
         if skip == 0 and len(buf) == n:
             return bytes(buf)
         return bytes(memoryview(buf)[skip : skip + n])
