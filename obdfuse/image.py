@@ -56,7 +56,7 @@ async def open_image(
             rw = WritableLayer.open(data, index, read_only=ro)
         if rw is not None and lowers:
             vsize = _lowers_vsize(lowers)
-            if rw.virtual_size == 0 and vsize:
+            if rw.virtual_size == 0 and vsize and not rw.read_only:
                 rw.set_virtual_size(vsize)
         stack = Stack(lowers, rw, read_only=read_only)
     except BaseException as exc:

@@ -148,7 +148,7 @@ class WritableLayer:
             if data_hdr.flags & FLAG_SEALED:
                 raise FormatError(f"{data_path}: is a sealed layer, not a writable one")
             if data_hdr.is_sparse:
-                index = MutableSegmentIndex(_sparse_extents(data_fd, data_path))
+                index = MutableSegmentIndex(_sparse_extents(data_fd))
                 if index_path is not None and Path(index_path).exists():
                     index_fd = os.open(index_path, mode | os.O_CLOEXEC)
                 return cls(
@@ -370,7 +370,7 @@ def _load_index_log(
     return hdr, segs
 
 
-def _sparse_extents(fd: int, path: Path) -> Segments:
+def _sparse_extents(fd: int) -> Segments:
     """Mappings of a sparse data file's allocated extents past its header (§3.7)."""
     size = os.fstat(fd).st_size
     starts: list[int] = []
@@ -397,5 +397,4 @@ def _sparse_extents(fd: int, path: Path) -> Segments:
     k = np.arange(int(counts.sum())) - (np.cumsum(counts) - counts)[owner]
     begin = s[owner] + k * MAX_LENGTH
     length = np.minimum(e[owner] - begin, MAX_LENGTH)
-    del path
     return make_segments(begin - HEADER_SECTORS, length, begin)
