@@ -201,3 +201,29 @@ def test_parallel_reads_fetch_runs_of_several_layers_at_once(tmp_path, parallel)
         await stack.aclose()
 
     trio.run(go)
+
+
+def test_contiguous_segments_are_read_with_one_blob_read(tmp_path):
+    """A read over several index entries that are contiguous in one layer is one pread."""
+
+    async def go():
+        rw = WritableLayer.create(tmp_path / "d", tmp_path / "i", 64 << 20)
+        payload = random.Random(4).randbytes(20 << 20)
+        rw.write(0, payload)
+        layer = await commit_to(rw, tmp_path / "l")
+        rw.close()
+        assert len(layer.segments) >= 3  # entries are at most 16382 sectors
+        calls = []
+        inner_pread = layer.blob.pread
+
+        async def counting_pread(offset, length):
+            calls.append((offset, length))
+            return await inner_pread(offset, length)
+
+        layer.blob.pread = counting_pread
+        stack = Stack([layer])
+        assert await stack.pread(1000, 19 << 20) == payload[1000 : 1000 + (19 << 20)]
+        assert len(calls) == 1
+        await stack.aclose()
+
+    trio.run(go)

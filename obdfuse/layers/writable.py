@@ -171,7 +171,7 @@ class WritableLayer:
                 raise FormatError(
                     f"{index_path}: uuid {hdr.uuid} does not match data file uuid {data_hdr.uuid}"
                 )
-            index = MutableSegmentIndex(resolve_log(segs))
+            index = MutableSegmentIndex(resolve_log(segs.with_tag(0)))  # tags: ignore on read
             return cls(data_path, index_path, data_fd, index_fd, hdr, index, read_only=read_only)
         except BaseException:
             os.close(data_fd)
