@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -224,6 +225,29 @@ def test_contiguous_segments_are_read_with_one_blob_read(tmp_path):
         stack = Stack([layer])
         assert await stack.pread(1000, 19 << 20) == payload[1000 : 1000 + (19 << 20)]
         assert len(calls) == 1
+        await stack.aclose()
+
+    trio.run(go)
+
+
+def test_concurrent_unaligned_and_aligned_writes_lose_nothing(tmp_path):
+    """Read-modify-write must not overwrite a write that lands while it awaits its read."""
+
+    async def go():
+        base = WritableLayer.create(tmp_path / "bd", tmp_path / "bi", SIZE)
+        base.write(0, b"o" * 4096)
+        lower = await commit_to(base, tmp_path / "l")
+        base.close()
+        lower.blob = SlowBlob(lower.blob, {"now": 0, "max": 0})  # RMW reads yield
+        rw = WritableLayer.create(tmp_path / "ud", tmp_path / "ui", SIZE)
+        stack = Stack([lower], rw)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stack.pwrite, 100, b"a" * 10)  # unaligned: RMW of sector 0
+            await trio.testing.wait_all_tasks_blocked()  # ... now waiting for its read
+            await stack.pwrite(0, b"b" * 512)  # aligned write to the same sector
+        got = await stack.pread(0, 512)
+        # The aligned write came second: it must not be undone by the stale RMW.
+        assert got == b"b" * 512
         await stack.aclose()
 
     trio.run(go)

@@ -49,6 +49,8 @@ class Stack:
         self.lowers = list(lowers)
         self.upper = upper
         self.parallel_reads = parallel_reads
+        self._write_lock = trio.Lock()
+        self._rmw_active = 0
         self._read_only = upper is None or upper.read_only if read_only is None else read_only
         if not self._read_only and upper is None:
             raise ObdfuseError("a writable image needs an upper (writable) layer")
@@ -118,13 +120,21 @@ class Stack:
             raise ValueError(f"write {offset}+{length} outside the disk of {self._size} bytes")
         if length == 0:
             return
-        if offset % SECTOR or length % SECTOR:
-            s0 = offset // SECTOR * SECTOR
-            s1 = -(-(offset + length) // SECTOR) * SECTOR
-            merged = bytearray(await self.pread(s0, s1 - s0))
-            merged[offset - s0 : offset - s0 + length] = data
-            offset, data = s0, bytes(merged)
-        upper.write(offset, data)
+        if not (offset % SECTOR or length % SECTOR):
+            await self._aligned(upper.write, offset, data)
+            return
+        # Read-modify-write of the partial sectors. Serialised with every other write
+        # while it awaits its read, so no write can land in between and be lost.
+        async with self._write_lock:
+            self._rmw_active += 1
+            try:
+                s0 = offset // SECTOR * SECTOR
+                s1 = -(-(offset + length) // SECTOR) * SECTOR
+                merged = bytearray(await self.pread(s0, s1 - s0))
+                merged[offset - s0 : offset - s0 + length] = data
+                upper.write(s0, merged)
+            finally:
+                self._rmw_active -= 1
 
     async def discard(self, offset: int, length: int) -> None:
         upper = self._writable_upper()
@@ -137,9 +147,17 @@ class Stack:
             return
         if offset < a:
             await self.pwrite(offset, bytes(a - offset))
-        upper.discard(a, b - a)
+        await self._aligned(upper.discard, a, b - a)
         if offset + length > b:
             await self.pwrite(b, bytes(offset + length - b))
+
+    async def _aligned(self, op, offset: int, arg) -> None:
+        """Run a synchronous aligned write/discard, after any read-modify-write in flight."""
+        if self._rmw_active:
+            async with self._write_lock:
+                op(offset, arg)
+        else:
+            op(offset, arg)
 
     async def flush(self) -> None:
         if self.upper is not None and not self._read_only:
