@@ -251,3 +251,47 @@ def test_concurrent_unaligned_and_aligned_writes_lose_nothing(tmp_path):
         await stack.aclose()
 
     trio.run(go)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, 2**32), min_size=1, max_size=4))
+def test_sparse_uppers_over_lowers_after_reopen(seeds):
+    """Sparse layers: writes land in place; after reopen a discarded range is simply
+    unmapped and shows the layers below (overlaybd's behaviour, §3.7)."""
+    block = 4096
+
+    async def go(tmp: Path):
+        model = bytearray(SIZE)
+        lowers = []
+        for i, seed in enumerate(seeds):
+            rng = random.Random(seed)
+            rw = WritableLayer.create(tmp / f"d{i}", tmp / f"i{i}", SIZE, sparse=True)
+            mine = bytearray(SIZE)
+            mapped = bytearray(SIZE // block)
+            for _ in range(rng.randint(1, 30)):
+                first = rng.randrange(SIZE // block)
+                n = rng.randint(1, min(16, SIZE // block - first))
+                off, length = first * block, n * block
+                if rng.random() < 0.3:
+                    rw.discard(off, length)
+                    mapped[first : first + n] = bytes(n)
+                else:
+                    data = rng.randbytes(length)
+                    rw.write(off, data)
+                    mine[off : off + length] = data
+                    mapped[first : first + n] = b"\1" * n
+            rw.close()
+            for k, m in enumerate(mapped):
+                if m:
+                    model[k * block : (k + 1) * block] = mine[k * block : (k + 1) * block]
+            reopened = WritableLayer.open(tmp / f"d{i}", tmp / f"i{i}")
+            live = Stack(lowers, reopened)
+            assert await live.pread(0, SIZE) == model
+            lowers.append(await commit_to(reopened, tmp / f"l{i}"))
+            reopened.close()
+        stack = Stack(lowers)
+        assert await stack.pread(0, SIZE) == model
+        await stack.aclose()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trio.run(go, Path(tmp))
