@@ -189,7 +189,14 @@ def test_cli_errors_are_one_clean_line(tmp_path, args, needles):
     assert not (tmp_path / "o").exists()
 
 
-def test_create_refuses_to_overwrite(tmp_path):
+def test_create_and_commit_refuse_to_overwrite(tmp_path):
     obdfuse("layer", "create", tmp_path / "d", tmp_path / "i", "1M")
     proc = obdfuse("layer", "create", tmp_path / "d", tmp_path / "i", "1M", ok=False)
     assert_clean_error(proc, "File exists")
+    out = tmp_path / "out"
+    out.write_text("precious")
+    proc = obdfuse("layer", "commit", tmp_path / "d", tmp_path / "i", out, ok=False)
+    assert_clean_error(proc, "exists", "--force")
+    assert out.read_text() == "precious"
+    obdfuse("layer", "commit", "--force", tmp_path / "d", tmp_path / "i", out)
+    assert out.stat().st_size == 8192

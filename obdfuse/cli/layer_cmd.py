@@ -54,6 +54,7 @@ def create(
 @click.option("--uuid", help="UUID of the committed layer (default: the null UUID).")
 @click.option("--parent-uuid", help="Parent UUID (default: the writable layer's parent).")
 @click.option("-m", "--message", default="", help="Commit message (user tag, ≤ 256 bytes).")
+@click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("index", type=_PATH)
 @click.argument("out", type=_PATH)
@@ -65,11 +66,14 @@ def commit(
     uuid: str | None,
     parent_uuid: str | None,
     message: str,
+    force: bool,
     data: Path,
     index: Path,
     out: Path,
 ) -> None:
     """Commit the writable layer DATA + INDEX into a sealed layer OUT."""
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} exists (use --force to replace it)")
     from obdfuse.layers.commit import CommitOptions, commit_layer
     from obdfuse.layers.writable import WritableLayer
 
