@@ -200,3 +200,28 @@ def test_create_and_commit_refuse_to_overwrite(tmp_path):
     assert out.read_text() == "precious"
     obdfuse("layer", "commit", "--force", tmp_path / "d", tmp_path / "i", out)
     assert out.stat().st_size == 8192
+
+
+def test_merge_flattens_a_stack(tmp_path):
+    """`layer merge` of a two-layer image gives one layer with the same disk."""
+    rng = random.Random(9)
+    model = bytearray(16 * MIB)
+    lowers = []
+    for name in ("bottom", "top"):
+        data, index = tmp_path / f"{name}.data", tmp_path / f"{name}.index"
+        obdfuse("layer", "create", data, index, "16M")
+        rw = WritableLayer.open(data, index)
+        apply_ops(rw, model, random_ops(rng, 16 * MIB, 60), rng)
+        rw.close()
+        obdfuse("layer", "commit", data, index, tmp_path / f"{name}.commit")
+        lowers.append({"file": f"{name}.commit"})
+    config = tmp_path / "config.v1.json"
+    config.write_text(json.dumps({"lowers": lowers}))
+    obdfuse("layer", "merge", config, tmp_path / "merged")
+    info = json.loads(obdfuse("layer", "info", "--json", tmp_path / "merged").stdout)
+    assert info["wrapping"] == "zfile"
+    assert info["uuid"] == "00000000-0000-0000-0000-000000000000"
+    with open(tmp_path / "merged", "rb") as f:
+        assert f.read(40)[32] == 0x13  # ZFile header not overwritten, as overlaybd-merge
+    obdfuse("dump", tmp_path / "merged", tmp_path / "flat.img")
+    assert (tmp_path / "flat.img").read_bytes() == model
