@@ -33,8 +33,9 @@ async def open_image(
     """Open `spec` (config.v1.json or layer file) as a Stack.
 
     `upper`: a directory holding a writable layer (`data` + `index`), created
-    when missing, sized like the lowers or `size` if there are none. The stack
-    is writable iff it has an upper, unless `read_only` says otherwise.
+    when missing with virtual size `size` (default: the lowers' size); an
+    existing one must have that size. The stack is writable iff it has an
+    upper, unless `read_only` says otherwise.
     """
     text = os.fspath(spec)
     for accepts, opener in IMAGE_OPENERS:
@@ -55,7 +56,7 @@ async def open_image(
             rw = WritableLayer.open(data, index, read_only=ro)
         if rw is not None and lowers:
             vsize = _lowers_vsize(lowers)
-            if rw.virtual_size == 0 and vsize:
+            if rw.virtual_size == 0 and vsize and not rw.read_only:
                 rw.set_virtual_size(vsize)
         stack = Stack(lowers, rw, read_only=read_only)
     except BaseException as exc:
@@ -77,15 +78,14 @@ def open_upper_dir(
 ) -> WritableLayer:
     """Open or create the writable layer kept in directory `path`."""
     data, index = path / UPPER_DATA, path / UPPER_INDEX
-    want = _lowers_vsize(lowers) or size
+    want = size if size is not None else _lowers_vsize(lowers)
     if data.exists():
         layer = WritableLayer.open(data, index, read_only=read_only)
-        expected = size if size is not None else _lowers_vsize(lowers)
-        if expected and layer.virtual_size != expected:
+        if want and layer.virtual_size != want:
             layer.close()
             raise FormatError(
                 f"{path}: the writable layer has virtual size {layer.virtual_size}, "
-                f"but the image needs {expected}"
+                f"but the image needs {want}"
             )
         return layer
     if read_only:
