@@ -136,12 +136,15 @@ def _captured_stderr() -> Iterator[list[str]]:
 
 
 def _mount_fuse(fs: ImageFS, settings: MountSettings) -> None:
+    failure: RuntimeError | None = None
     with _captured_stderr() as messages:
         try:
             pyfuse3.init(fs, str(settings.mountpoint), settings.fuse_options())
         except RuntimeError as exc:
-            reason = messages[-1] if messages else str(exc)
-            raise ObdfuseError(f"cannot mount {settings.mountpoint}: {reason}") from None
+            failure = exc
+    if failure is not None:
+        reason = messages[-1] if messages else str(failure)
+        raise ObdfuseError(f"cannot mount {settings.mountpoint}: {reason}")
     for line in messages:
         log.warning("libfuse: %s", line)
 
