@@ -14,7 +14,10 @@ import pytest
 
 from tests.support.loop import mkfs_ext4, tree_snapshot
 
-pytest.importorskip("obdfuse.image", reason="open_image lands with the layers branch")
+# Needs open_image (layers) and the ZFile reader/writer, which land on main separately.
+pytest.importorskip("obdfuse.image")
+if not hasattr(pytest.importorskip("obdfuse.zfile"), "ZFileReader"):
+    pytest.skip("obdfuse.zfile is not on this branch yet", allow_module_level=True)
 
 SECTOR = 512
 
@@ -118,7 +121,9 @@ def test_fsynced_writes_survive_kill_9(mounts, tmp_path):
         fd = os.open(m.image_path, os.O_RDWR)
         try:
             # What the previous daemon was killed with must all be there.
-            _check_against_model(os.pread(fd, size, 0), model, maybe)
+            found = os.pread(fd, size, 0)
+            _check_against_model(found, model, maybe)
+            model[:] = found  # un-fsync'ed writes that did survive are now the state
             for _ in range(rng.randrange(5, 40)):
                 if rng.random() < 0.7:  # sector-aligned, like a loop device
                     off = rng.randrange(size // SECTOR) * SECTOR
@@ -185,32 +190,39 @@ def test_image_errors_are_one_clear_line(mounts, tmp_path):
     assert not os.path.ismount(mp)
 
 
+@pytest.mark.slow
 def test_corrupt_layer_reads_fail_with_eio_and_the_daemon_keeps_serving(
     mounts, samples, tmp_path
 ):
+    source = samples / "layers" / "l1.commit.lz4.zfile"
     layer = tmp_path / "l1.zfile"
-    shutil.copy(samples / "layers" / "l1.commit.lz4.zfile", layer)
-    good = mounts.mount(samples / "layers" / "l1.commit.lz4.zfile").image_path.read_bytes()
-    with open(layer, "r+b") as f:  # flip bytes inside compressed data
-        f.seek(layer.stat().st_size // 3)
-        chunk = bytearray(f.read(64))
-        f.seek(-64, os.SEEK_CUR)
-        f.write(bytes(b ^ 0xFF for b in chunk))
-    m = mounts.mount(layer)
-    fd = os.open(m.image_path, os.O_RDONLY)
+    shutil.copy(source, layer)
+    size = layer.stat().st_size
+    with open(layer, "r+b") as f:  # flip bytes inside compressed blocks of file data
+        for spot in range(size // 5, size * 3 // 5, size // 20):
+            f.seek(spot)
+            chunk = f.read(16)
+            f.seek(spot)
+            f.write(bytes(b ^ 0xFF for b in chunk))
+    good = mounts.mount(source)
+    bad = mounts.mount(layer)
     failed = 0
-    try:
-        for off in range(0, len(good), 1 << 20):
+    total = os.path.getsize(good.image_path)
+    with open(good.image_path, "rb") as g, open(bad.image_path, "rb", buffering=0) as b:
+        pos = 0
+        while pos < total:
+            want = os.pread(g.fileno(), 1 << 20, pos)
             try:
-                data = os.pread(fd, 1 << 20, off)
+                got = os.pread(b.fileno(), len(want), pos)
             except OSError as exc:
                 assert exc.errno == errno.EIO
                 failed += 1
-            else:
-                assert data == good[off : off + len(data)], f"wrong bytes at {off}"
-    finally:
-        os.close(fd)
+                pos += 4096  # skip the page that cannot be read
+                continue
+            # A read may stop short before a bad page, but never returns wrong bytes.
+            assert got and got == want[: len(got)], f"wrong bytes at {pos}"
+            pos += len(got)
     assert failed >= 1
-    info = m.stat()  # still serving
-    assert info["counters"]["errors"] >= failed
-    assert "ERROR obdfuse.fs" in m.log()
+    assert bad.stat()["counters"]["errors"] >= failed  # still serving
+    errors = [line for line in bad.log().splitlines() if "ERROR obdfuse.fs" in line]
+    assert errors and len(errors) <= bad.stat()["counters"]["errors"]
