@@ -87,7 +87,8 @@ def build_layer(raw: Path, work: Path, kit: MountKit) -> Path:
     proc = m.umount()
     assert proc.returncode == 0, proc.stderr
     layer = work / "layer.zfile"
-    proc = kit.obdfuse("layer", "commit", "--zfile", str(upper), str(layer))
+    proc = kit.obdfuse("layer", "commit", "--zfile", str(upper / "data"), str(upper / "index"),
+                       str(layer))
     assert proc.returncode == 0, proc.stderr
     image = work / "image.json"
     image.write_text(json.dumps({"lowers": [{"file": str(layer)}]}))
