@@ -14,11 +14,6 @@ import pytest
 
 from tests.support.loop import mkfs_ext4, tree_snapshot
 
-# Needs open_image (layers) and the ZFile reader/writer, which land on main separately.
-pytest.importorskip("obdfuse.image")
-if not hasattr(pytest.importorskip("obdfuse.zfile"), "ZFileReader"):
-    pytest.skip("obdfuse.zfile is not on this branch yet", allow_module_level=True)
-
 SECTOR = 512
 
 
