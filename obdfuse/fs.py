@@ -63,11 +63,11 @@ class IOCounters:
     unaligned_writes: int = 0
 
 
-@dataclass
-class _Handle:
-    inode: int
-    writable: bool
-    payload: bytes = b""  # the stat snapshot for STAT_INODE handles
+# File handles of `image` carry everything a request needs (no table), so a
+# process taking over the FUSE connection can serve handles opened before it.
+_IMAGE_FH_RO = IMAGE_INODE
+_IMAGE_FH_RW = IMAGE_INODE | 1 << 32
+_FIRST_STAT_FH = 1 << 33  # stat snapshots live in a table; reopen after a takeover
 
 
 @dataclass
@@ -139,8 +139,9 @@ class ImageFS(pyfuse3.Operations):
         self.stat_providers: list[Callable[[], dict[str, Any]]] = []
         self.ready = trio.Event()  # set once the kernel's INIT request was answered
         self._errors = _ErrorLog()
-        self._handles: dict[int, _Handle] = {}
-        self._next_fh = 1
+        self._stat_snapshots: dict[int, bytes] = {}
+        self._next_stat_fh = _FIRST_STAT_FH
+        self._image_opens = 0
         self._dirty = False
         self._rmw_lock = trio.Lock()
         self._started_ns = time.time_ns()
@@ -159,7 +160,7 @@ class ImageFS(pyfuse3.Operations):
     @property
     def open_handles(self) -> int:
         """Number of open handles on `image` (a loop device holds one)."""
-        return sum(1 for h in self._handles.values() if h.inode == IMAGE_INODE)
+        return self._image_opens
 
     # -- metadata ----------------------------------------------------------
 
@@ -262,35 +263,28 @@ class ImageFS(pyfuse3.Operations):
         if inode == STAT_INODE:
             if writable:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            fh = self._new_handle(_Handle(inode, False, self.stat_snapshot()))
+            fh = self._next_stat_fh
+            self._next_stat_fh += 1
+            self._stat_snapshots[fh] = self.stat_snapshot()
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if inode != IMAGE_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)
         if writable and self.device.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
-        fh = self._new_handle(_Handle(inode, writable))
+        self._image_opens += 1
+        fh = _IMAGE_FH_RW if writable else _IMAGE_FH_RO
         # The kernel page cache stays valid across opens as long as nobody else
         # changes the data: true for read-only images. A writable device may
         # also be written by another front end (iSCSI), so don't keep it.
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.device.read_only)
 
-    def _new_handle(self, handle: _Handle) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = handle
-        return fh
-
-    def _handle(self, fh: int) -> _Handle:
-        try:
-            return self._handles[fh]
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.EBADF) from None
-
     @_errno_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self._handle(fh)
-        if handle.inode == STAT_INODE:
-            return handle.payload[off : off + size]
+        if fh not in (_IMAGE_FH_RO, _IMAGE_FH_RW):
+            snapshot = self._stat_snapshots.get(fh)
+            if snapshot is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            return snapshot[off : off + size]
         if off >= self.device.size:
             return b""
         size = min(size, self.device.size - off)
@@ -301,8 +295,7 @@ class ImageFS(pyfuse3.Operations):
 
     @_errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._handle(fh)
-        if not handle.writable:
+        if fh != _IMAGE_FH_RW:
             raise pyfuse3.FUSEError(errno.EBADF)
         end = self.device.size
         if off >= end:
@@ -335,7 +328,7 @@ class ImageFS(pyfuse3.Operations):
 
     @_errno_boundary
     async def flush(self, fh: int) -> None:
-        if self._handle(fh).writable:
+        if fh == _IMAGE_FH_RW:
             await self._flush_device()
 
     @_errno_boundary
@@ -354,7 +347,10 @@ class ImageFS(pyfuse3.Operations):
         self.counters.flushes += 1
 
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        if fh in (_IMAGE_FH_RO, _IMAGE_FH_RW):
+            self._image_opens = max(0, self._image_opens - 1)
+        else:
+            self._stat_snapshots.pop(fh, None)
 
     # -- control -----------------------------------------------------------
 

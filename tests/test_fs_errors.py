@@ -112,3 +112,24 @@ def test_stat_file_is_hidden_but_found(tmp_path):
 
     doc = json.loads(trio.run(go))
     assert doc["image"] == "d.raw" and doc["size"] == 8192 and doc["cache"] == {"hits": 5}
+
+
+def test_image_handles_need_no_state_so_a_new_process_can_serve_them(tmp_path):
+    """A handle opened on one ImageFS works on a fresh one (a /dev/fuse takeover)."""
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(range(256)) * 32)
+
+    async def go() -> None:
+        first = ImageFS(RawFileDevice(disk, read_only=False))
+        ro = (await first.open(IMAGE_INODE, os.O_RDONLY, None)).fh
+        rw = (await first.open(IMAGE_INODE, os.O_RDWR, None)).fh
+        successor = ImageFS(RawFileDevice(disk, read_only=False))
+        assert await successor.read(ro, 256, 4) == bytes([0, 1, 2, 3])
+        assert await successor.write(rw, 512, b"\xff" * 512) == 512
+        await successor.fsync(rw, True)
+        assert await successor.read(ro, 512, 2) == b"\xff\xff"
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await successor.write(ro, 0, b"x" * 512)
+        assert err.value.errno == errno.EBADF
+
+    trio.run(go)
