@@ -142,7 +142,8 @@ class ImageFS(pyfuse3.Operations):
         self._stat_snapshots: dict[int, bytes] = {}
         self._next_stat_fh = _FIRST_STAT_FH
         self._image_opens = 0
-        self._dirty = False
+        # Unknown after a takeover: the first fsync always reaches the device.
+        self._dirty = not device.read_only
         self._rmw_lock = trio.Lock()
         self._started_ns = time.time_ns()
         self._mtime_ns = self._started_ns
