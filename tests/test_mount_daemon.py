@@ -16,6 +16,7 @@ import subprocess
 
 import pytest
 
+from obdfuse.cli.mount_cmd import _record_from_stat_file
 from obdfuse.runstate import process_start_time
 from tests.support.loop import mkfs_ext4, tree_snapshot
 from tests.support.mounts import OBDFUSE, obdfuse_env
@@ -217,3 +218,14 @@ def test_not_permitted_without_cap_sys_admin(tmp_path, ext4_raw, mounts):
                          mounts.run_dir)
     _one_line_error(proc, "Operation not permitted")
     assert not os.path.ismount(mp)
+
+
+def test_umount_finds_a_daemon_started_with_another_run_dir(mounts, tmp_path, ext4_raw):
+    image, _ = ext4_raw
+    m = mounts.mount(image, "--raw", "ro", env={"OBDFUSE_RUN_DIR": str(tmp_path / "other")})
+    assert not list(mounts.run_dir.glob("*.json"))  # the kit's run dir knows nothing of it
+    found = _record_from_stat_file(m.mountpoint)
+    assert found is not None and found.pid == m.pid and found.alive()
+    proc = m.umount()
+    assert proc.returncode == 0, proc.stderr
+    assert process_start_time(m.pid) is None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import threading
 from pathlib import Path
 
 import click
@@ -19,6 +22,7 @@ from obdfuse.daemon import (
 )
 from obdfuse.device import BlockDevice, RawFileDevice
 from obdfuse.errors import ObdfuseError
+from obdfuse.fs import STAT_NAME
 from obdfuse.mountpoint import fuse_unmount, is_mounted
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -102,8 +106,11 @@ def umount(mountpoint: Path, timeout: float, lazy: bool) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has flushed and exited."""
     mountpoint = Path(os.path.abspath(mountpoint))
     record = runstate.read_record(mountpoint)
+    mounted = is_mounted(mountpoint)
+    if record is None and mounted:  # started with another run directory: ask the mount
+        record = _record_from_stat_file(mountpoint)
     daemon_alive = record is not None and record.alive()
-    if is_mounted(mountpoint):
+    if mounted:
         fuse_unmount(mountpoint, lazy=lazy)
     elif not daemon_alive:
         raise ObdfuseError(f"{mountpoint} is not mounted")
@@ -113,3 +120,22 @@ def umount(mountpoint: Path, timeout: float, lazy: bool) -> None:
             f"unmounted {mountpoint}, but its daemon (pid {record.pid}) did not exit "
             f"within {timeout} s{where}"
         )
+
+
+def _record_from_stat_file(mountpoint: Path, timeout: float = 5.0) -> runstate.MountRecord | None:
+    """The daemon's pid from MOUNTPOINT/.obdfuse-stat (None if it does not answer in time)."""
+    found: list[int] = []
+
+    def read() -> None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            found.append(int(json.loads((mountpoint / STAT_NAME.decode()).read_text())["pid"]))
+
+    reader = threading.Thread(target=read, daemon=True)  # a hung mount must not hang us
+    reader.start()
+    reader.join(timeout)
+    if not found:
+        return None
+    start = runstate.process_start_time(found[0])
+    if start is None:
+        return None
+    return runstate.MountRecord(found[0], start, str(mountpoint), "")

@@ -32,7 +32,8 @@ def obdfuse_env(run_dir: Path, **extra: str) -> dict[str, str]:
     """The environment for an `obdfuse` subprocess: our run dir, no inherited NOTIFY_SOCKET."""
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
-    env.update(extra, OBDFUSE_RUN_DIR=str(run_dir))
+    env["OBDFUSE_RUN_DIR"] = str(run_dir)
+    env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
