@@ -178,7 +178,8 @@ def measure(image_file: Path, target: Path, loop: LoopDevices, args) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES)
-    parser.add_argument("--rounds", type=int, default=2, help="best of N passes per setup")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="passes per setup, interleaved; the best one counts (warm daemon)")
     parser.add_argument("--random-reads", type=int, default=4000)
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--workdir", type=Path, help="keep the built images here")
@@ -211,12 +212,14 @@ def main() -> None:
         print(f"built: {data / 1e6:.0f} MB of files in a 1 GiB ext4{layer_note}, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         results: dict[str, dict[str, float]] = {}
+        load_before = f"{os.getloadavg()[0]:.1f}"
         for _ in range(args.rounds):
             for name, path in setups.items():
                 got = measure(path, work / "ro", kit.loop, args)
                 best = results.setdefault(name, got)
                 for key, value in got.items():
                     best[key] = max(best[key], value)
+        print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f}")
         base = results["loop → file (baseline)"]
         keys = list(base)
         print(f"{'setup':30} " + " ".join(f"{k:>22}" for k in keys))
