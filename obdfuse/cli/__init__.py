@@ -20,6 +20,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("obdfuse.cli.zfile_cmd", "zfile"),
     ("obdfuse.cli.layer_cmd", "layer"),
     ("obdfuse.cli.dump_cmd", "dump"),
+    ("obdfuse.cli.mount_cmd", "mount"),
+    ("obdfuse.cli.mount_cmd", "umount"),
 ]
 
 
