@@ -101,14 +101,16 @@ class RegistryClient:
     # ---------------------------------------------------------------- plumbing
 
     async def _with_retries(
-        self, what: str, attempt: Callable[[float], Awaitable[T]], deadline: float | None
+        self, what: str, attempt: Callable[[float], Awaitable[T]], deadline: float | None,
+        attempt_timeout: float | None = None,
     ) -> T:
         """Run `attempt(timeout)` until it succeeds, retrying transient errors with
-        exponential backoff and jitter; give up after `deadline` seconds (None: never)."""
+        exponential backoff and jitter; give up after `deadline` seconds (None: never).
+        Each attempt runs under `attempt_timeout` (default: the request timeout)."""
         start = time.monotonic()
         delay = 0.05
         while True:
-            timeout = self.request_timeout
+            timeout = attempt_timeout or self.request_timeout
             if deadline is not None:
                 remaining = start + deadline - time.monotonic()
                 timeout = max(0.05, min(timeout, remaining))
@@ -305,7 +307,7 @@ class RegistryClient:
 
     # ---------------------------------------------------------------- writing
 
-    async def blob_exists(self, repo: str, digest: str) -> bool:
+    async def blob_exists(self, repo: str, digest: str, deadline: float | None = 60.0) -> bool:
         async def attempt(_: float) -> bool:
             async with await self._send("HEAD", self._url(repo, "blobs", digest),
                                         _scope(repo, push=True)) as resp:
@@ -314,15 +316,17 @@ class RegistryClient:
                 _check_status(resp, (200,), f"blob {digest}")
                 return True
 
-        return await self._with_retries(f"HEAD {digest}", attempt, 60.0)
+        return await self._with_retries(f"HEAD {digest}", attempt, deadline)
 
     async def upload_blob(
         self, repo: str, path: Path, digest: str, size: int, *, chunk_size: int = 32 << 20,
-        progress: Callable[[int], None] | None = None, deadline: float | None = 300.0,
+        progress: Callable[[int], None] | None = None, deadline: float | None = 60.0,
     ) -> bool:
         """Upload a file as blob `digest` unless present; chunked (PATCH) when larger than
-        `chunk_size`, else one monolithic PUT. Returns False if it was already there."""
-        if await self.blob_exists(repo, digest):
+        `chunk_size`, else one monolithic PUT. Returns False if it was already there.
+        An attempt may take as long as the blob needs at 1 MiB/s; `deadline` bounds the
+        retrying of failures."""
+        if await self.blob_exists(repo, digest, deadline):
             if progress:
                 progress(size)
             return False
@@ -363,9 +367,12 @@ class RegistryClient:
                 progress(len(body))
             return True
 
-        return await self._with_retries(f"upload {digest}", attempt, deadline)
+        slow = self.request_timeout + size / (1 << 20)
+        return await self._with_retries(f"upload {digest}", attempt,
+                                        None if deadline is None else deadline + slow, slow)
 
-    async def put_manifest(self, repo: str, tag: str, body: bytes, media_type: str) -> str:
+    async def put_manifest(self, repo: str, tag: str, body: bytes, media_type: str,
+                           deadline: float | None = 60.0) -> str:
         """PUT a manifest under `tag`; returns its digest."""
         digest = mf.sha256_digest(body)
 
@@ -380,7 +387,7 @@ class RegistryClient:
                                   f"we sent {digest}")
             return digest
 
-        return await self._with_retries(f"manifest {repo}:{tag}", attempt, 60.0)
+        return await self._with_retries(f"manifest {repo}:{tag}", attempt, deadline)
 
     def _location(self, resp: aiohttp.ClientResponse) -> str:
         loc = resp.headers.get("Location")

@@ -70,7 +70,8 @@ async def push_layers(
     manifest_type = mf.OCI_MANIFEST if oci else mf.DOCKER_MANIFEST
     body = mf.build_manifest(config_desc, descriptors, manifest_type)
     digest = await run_in_asyncio(registry.client.put_manifest, ref.repository,
-                                  ref.tag or "latest", body, manifest_type)
+                                  ref.tag or "latest", body, manifest_type,
+                                  registry.options.policy.client_deadline)
     return PushedImage(f"{ref.host}/{ref.repository}@{digest}", digest, descriptors)
 
 
@@ -78,4 +79,5 @@ async def _upload(registry: Registry, path: Path, digest: str, size: int, chunk_
                   tick: Callable[[int], None] | None) -> bool:
     # progress callbacks run on the asyncio thread; they only bump counters
     return await registry.client.upload_blob(registry.ref.repository, path, digest, size,
-                                             chunk_size=chunk_size, progress=tick)
+                                             chunk_size=chunk_size, progress=tick,
+                                             deadline=registry.options.policy.client_deadline)
