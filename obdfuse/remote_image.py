@@ -58,6 +58,22 @@ class RemoteImage:
         out["layers"] = [b.stats_dict() for b in self.blobs]
         return out
 
+    def close_with_blobs(self) -> None:
+        """Close the client and release the cache once every layer blob is closed
+        (so closing the Stack built on the blobs closes everything)."""
+        remaining = {id(b) for b in self.blobs}
+
+        def make_hook(blob: CachedBlob):
+            async def hook() -> None:
+                remaining.discard(id(blob))
+                if not remaining:
+                    await self._release()
+
+            return hook
+
+        for blob in self.blobs:
+            blob.on_close.append(make_hook(blob))
+
     def start_background_fill(self, rate: float) -> None:
         """Download the rest of every layer at low priority (yields to demand reads)."""
         limit = RateLimit(rate)
@@ -65,14 +81,20 @@ class RemoteImage:
             self.blobs[0].spawn(background_fill, self.blobs, limit)
 
     async def aclose(self) -> None:
+        """Close every layer blob, the client and the cache."""
         try:
             for blob in self.blobs:
                 await blob.aclose()
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        if self in OPEN_IMAGES:
+            OPEN_IMAGES.remove(self)
+        try:
             await self.registry.aclose()
         finally:
             self.cache.close()
-            if self in OPEN_IMAGES:
-                OPEN_IMAGES.remove(self)
 
 
 OPEN_IMAGES: list[RemoteImage] = []
@@ -108,3 +130,22 @@ async def open_remote_image(spec: str, options: RemoteOptions | None = None) -> 
         remote.start_background_fill(options.background_rate)
     log.info("opened %s (%d layers)", image.reference, len(blobs))
     return remote
+
+
+async def open_remote_layers(spec: str, options: RemoteOptions | None = None):
+    """Open an image reference as sealed layers (bottom first) over cached blobs.
+
+    Closing the layers (e.g. through `Stack.aclose`) closes the remote image.
+    """
+    from obdfuse.layers.sealed import open_layer
+
+    remote = await open_remote_image(spec, options)
+    layers = []
+    try:
+        for blob in remote.blobs:
+            layers.append(await open_layer(blob))
+    except BaseException:
+        await remote.aclose()
+        raise
+    remote.close_with_blobs()
+    return layers, remote

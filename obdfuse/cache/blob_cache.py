@@ -244,6 +244,8 @@ class CachedBlob:
         self._readahead = 0
         self._background: set[trio.CancelScope] = set()
         self._closed = False
+        #: awaited once by aclose (the owner of a group of blobs hooks in here)
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def size(self) -> int:
@@ -425,10 +427,17 @@ class CachedBlob:
             i = j + 1
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         for scope in list(self._background):
             scope.cancel()
-        await self.remote.aclose()
+        try:
+            await self.remote.aclose()
+        finally:
+            hooks, self.on_close = self.on_close, []
+            for hook in hooks:
+                await hook()
 
 
 class RateLimit:
