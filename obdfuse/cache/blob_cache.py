@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path("/var/cache/obdfuse")
 DEFAULT_CHUNK = 1 << 20
 MAX_REQUEST_CHUNKS = 32
-READAHEAD_START = 2
+READAHEAD_START = 1  # chunks, once a sequential streak has covered one chunk
 READAHEAD_MAX = 16
 
 ChunkKey = tuple[str, int]
@@ -241,7 +241,7 @@ class CachedBlob:
         self.stats = CacheStats()
         self._inflight: dict[int, _Fetch] = {}
         self._last_end = -1
-        self._readahead = 0
+        self._streak = 0
         self._background: set[trio.CancelScope] = set()
         self._closed = False
         #: awaited once by aclose (the owner of a group of blobs hooks in here)
@@ -369,15 +369,16 @@ class CachedBlob:
     # ---------------------------------------------------------------- readahead / background
 
     def _maybe_readahead(self, offset: int, n: int, last: int) -> None:
+        """Adaptive readahead: once a sequential streak covers a whole chunk, prefetch
+        as many chunks ahead as the streak is long (capped), in the background."""
         sequential = offset == self._last_end
+        self._streak = self._streak + n if sequential else n
         self._last_end = offset + n
-        if not sequential:
-            self._readahead = 0
+        if not sequential or self._streak < self.chunk_size:
             return
-        self._readahead = min(max(READAHEAD_START, self._readahead * 2), READAHEAD_MAX)
-        first = last + 1
-        end = min(self.files.nchunks - 1, last + self._readahead)
-        todo = [i for i in range(first, end + 1)
+        ahead = min(READAHEAD_MAX, max(READAHEAD_START, self._streak // self.chunk_size))
+        end = min(self.files.nchunks - 1, last + ahead)
+        todo = [i for i in range(last + 1, end + 1)
                 if not self.files.present(i) and i not in self._inflight]
         if todo:
             self.stats.readahead_chunks += len(todo)
