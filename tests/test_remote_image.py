@@ -228,3 +228,26 @@ def test_blob_corrupted_in_registry_storage(registry, tmp_path):
 
     trio.run(main)
     assert small and big
+
+
+def test_background_fetch_fills_and_verifies(registry, tmp_path):
+    data = write_random(tmp_path / "a.layer", 24 * MiB)
+    push_files(registry.host, [tmp_path / "a.layer"])
+
+    async def main():
+        image = await open_remote_image(
+            f"{registry.host}/sample:latest",
+            opts(tmp_path, background_fetch=True, background_rate=64 * MiB))
+        try:
+            (blob,) = image.blobs
+            # demand reads are served correctly while the fill runs
+            assert await blob.pread(20 * MiB, 100) == data[20 * MiB:20 * MiB + 100]
+            with trio.fail_after(30):
+                while not blob.files.verified:
+                    await trio.sleep(0.05)
+            assert blob.stats.background_bytes >= 20 * MiB
+            assert blob.files.complete
+        finally:
+            await image.aclose()
+
+    trio.run(main)
