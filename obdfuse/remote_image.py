@@ -22,6 +22,7 @@ from obdfuse.cache.blob_cache import (
     RateLimit,
     background_fill,
 )
+from obdfuse.cache.memory import BlockCachedBlob, BlockLRU
 from obdfuse.errors import FormatError
 from obdfuse.registry.client import ResolvedImage
 from obdfuse.registry.manifest import overlaybd_layer
@@ -51,11 +52,13 @@ class RemoteImage:
     image: ResolvedImage
     cache: BlobCache
     blobs: list[CachedBlob]
+    hot_blocks: BlockLRU = field(default_factory=BlockLRU)
 
     def stats(self) -> dict[str, object]:
         out = self.cache.stats()
         out["image"] = str(self.image.reference)
         out["layers"] = [b.stats_dict() for b in self.blobs]
+        out["hot_blocks"] = self.hot_blocks.stats()
         return out
 
     def close_with_blobs(self) -> None:
@@ -139,11 +142,16 @@ async def open_remote_layers(spec: str, options: RemoteOptions | None = None):
     """
     from obdfuse.layers.sealed import open_layer
 
+
+
     remote = await open_remote_image(spec, options)
     layers = []
     try:
         for blob in remote.blobs:
-            layers.append(await open_layer(blob))
+            layer = await open_layer(blob)
+            if "zfile" in layer.wrapping:  # keep hot decompressed blocks in memory
+                layer.blob = BlockCachedBlob(layer.blob, remote.hot_blocks)
+            layers.append(layer)
     except BaseException:
         await remote.aclose()
         raise

@@ -265,3 +265,26 @@ def test_fetch_error_reaches_every_reader(tmp_path, data):
     assert errors == ["registry gone"] * 5
     assert len(remote.requests) == 1
     cache.close()
+
+
+def test_block_lru_serves_hot_blocks_from_memory():
+    from obdfuse.cache.memory import BlockCachedBlob, BlockLRU
+
+    data = os.urandom(100_000)
+    inner = RecordingBlob(data)
+    lru = BlockLRU(max_bytes=64 * 1024)
+    blob = BlockCachedBlob(inner, lru)
+
+    async def main():
+        assert await blob.pread(5000, 10_000) == data[5000:15000]
+        assert inner.requests == [(4096, 12288)]
+        assert await blob.pread(6000, 100) == data[6000:6100]
+        assert await blob.pread(0, 20_000) == data[:20000]  # blocks 0 and 4 are new
+        assert inner.requests[1:] == [(0, 4096), (16384, 4096)]
+        assert await blob.pread(99_990, 50) == data[99_990:]
+        # bounded: a full scan evicts the oldest blocks
+        await blob.pread(0, len(data))
+        assert lru.bytes_used <= 64 * 1024
+
+    run(main)
+    assert lru.hits >= 4

@@ -37,3 +37,50 @@ class BlockLRU:
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes_used}
+
+
+class BlockCachedBlob:
+    """A Blob whose aligned blocks are kept in a shared BlockLRU (e.g. over a ZFile view,
+    so hot blocks are decompressed once). Misses are read from the inner Blob in one
+    pread per run of neighbouring missing blocks."""
+
+    def __init__(self, inner, lru: BlockLRU, block_size: int = 4096) -> None:
+        self.inner = inner
+        self.lru = lru
+        self.block_size = block_size
+        self.name = inner.name
+        self._key = (id(self), inner.name)
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        from obdfuse.blob import clamp
+
+        n = clamp(self.size, offset, length)
+        if n == 0:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, (offset + n - 1) // bs
+        blocks: dict[int, bytes] = {}
+        run: list[int] = []
+        for i in range(first, last + 2):
+            cached = self.lru.get((self._key, i)) if i <= last else None
+            if cached is not None:
+                blocks[i] = cached
+            if (cached is not None or i > last) and run:
+                data = await self.inner.pread(run[0] * bs, len(run) * bs)
+                for j, b in enumerate(run):
+                    piece = data[j * bs:(j + 1) * bs]
+                    blocks[b] = piece
+                    self.lru.put((self._key, b), piece)
+                run = []
+            elif cached is None and i <= last:
+                run.append(i)
+        joined = b"".join(blocks[i] for i in range(first, last + 1))
+        start = offset - first * bs
+        return joined[start:start + n]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
