@@ -288,3 +288,15 @@ def test_block_lru_serves_hot_blocks_from_memory():
 
     run(main)
     assert lru.hits >= 4
+
+
+def test_hostile_blob_size_is_refused_before_allocation(tmp_path):
+    class Huge(BytesBlob):
+        @property
+        def size(self):
+            return 1 << 62
+
+    cache = BlobCache(tmp_path)
+    with pytest.raises(ObdfuseError, match="beyond the cache"):
+        cache.wrap(Huge(b""), "sha256:" + "0" * 64)
+    cache.close()

@@ -254,7 +254,7 @@ class CachedBlob:
     def stats_dict(self) -> dict[str, object]:
         remote = getattr(self.remote, "stats", None)
         out: dict[str, object] = {"name": self.name, "digest": self.digest, "size": self.size,
-                                  "chunks_cached": len(self.files.present_indices()),
+                                  "chunks_cached": self.files.present_count,
                                   "chunks": self.files.nchunks}
         out.update(self.stats.as_dict())
         if remote is not None and hasattr(remote, "as_dict"):

@@ -20,10 +20,13 @@ import struct
 import threading
 from pathlib import Path
 
+from obdfuse.errors import FormatError
+
 MAP_MAGIC = b"OBDCMAP1"
 MAP_HEADER = struct.Struct("<8sQQII")  # magic, blob size, chunk size, flags, reserved
 MAP_HEADER_SIZE = 32
 FLAG_VERIFIED = 1
+MAX_BLOB_SIZE = 1 << 42  # 4 TiB: bounds the presence map before it is allocated
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -50,8 +53,12 @@ class BlobFiles:
         self.data_path = root / f"{hexd}.data"
         self.map_path = root / f"{hexd}.map"
         self._lock = threading.Lock()
+        if size < 0 or size > MAX_BLOB_SIZE:
+            raise FormatError(f"{digest}: blob size {size} is beyond the cache's limit "
+                              f"of {MAX_BLOB_SIZE} bytes")
         self.verified = False
         self.bits = bytearray((self.nchunks + 7) // 8)
+        self.present_count = 0
         self.data_fd = -1
         self.map_fd = -1
         if not self._load():
@@ -89,6 +96,7 @@ class BlobFiles:
         stored = os.pread(map_fd, len(self.bits), MAP_HEADER_SIZE)
         self.bits[: len(stored)] = stored
         self._clear_tail_bits()
+        self.present_count = sum(bin(b).count("1") for b in self.bits)
         self.verified = bool(header[2] & FLAG_VERIFIED) and self.complete
         self.data_fd, self.map_fd = data_fd, map_fd
         return True
@@ -136,7 +144,7 @@ class BlobFiles:
 
     @property
     def complete(self) -> bool:
-        return all(self.present(i) for i in range(self.nchunks))
+        return self.present_count == self.nchunks
 
     def chunk_bytes(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
@@ -167,7 +175,9 @@ class BlobFiles:
         os.fdatasync(self.data_fd)  # data durable before any bit says so
         with self._lock:
             for i in range(first_chunk, last + 1):
-                self.bits[i >> 3] |= 1 << (i & 7)
+                if not self.present(i):
+                    self.bits[i >> 3] |= 1 << (i & 7)
+                    self.present_count += 1
             self._write_bits(first_chunk, last)
 
     def evict(self, indices: list[int]) -> None:
@@ -176,7 +186,9 @@ class BlobFiles:
             return
         with self._lock:
             for i in indices:
-                self.bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                if self.present(i):
+                    self.bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                    self.present_count -= 1
             self._write_bits(min(indices), max(indices))
             self._set_verified(False)
             os.fdatasync(self.map_fd)
