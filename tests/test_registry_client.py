@@ -9,6 +9,7 @@ import os
 import pytest
 import trio
 
+from obdfuse.asyncio_bridge import run_in_asyncio
 from obdfuse.errors import CorruptDataError, FormatError, RemoteError
 from obdfuse.registry import manifest as mf
 from obdfuse.registry.auth import Credentials, credentials_from_docker_config, parse_challenge
@@ -219,3 +220,46 @@ def test_unreachable_registry_fails_within_deadline(tmp_path):
 
     run(main)
     assert os.environ.get("NO_SUCH") is None
+
+
+def test_image_index_platform_selection(registry, tmp_path):
+    make_layer(tmp_path / "amd.layer", 5000, 1)
+    make_layer(tmp_path / "arm.layer", 6000, 2)
+    amd = push(registry.host, tmp_path, [tmp_path / "amd.layer"], tag="amd")
+    arm = push(registry.host, tmp_path, [tmp_path / "arm.layer"], tag="arm")
+
+    async def main():
+        reg = Registry.open(f"{registry.host}/sample:multi")
+        try:
+            entries = []
+            for pushed, (arch, variant) in ((amd, ("amd64", None)), (arm, ("arm64", "v8"))):
+                body, mt, digest = await run_in_asyncio(reg.client.get_manifest, "sample",
+                                                        pushed.manifest_digest)
+                platform = {"os": "linux", "architecture": arch}
+                if variant:
+                    platform["variant"] = variant
+                entries.append({"mediaType": mt, "digest": digest, "size": len(body),
+                                "platform": platform})
+            index = json.dumps({"schemaVersion": 2, "mediaType": mf.DOCKER_MANIFEST_LIST,
+                                "manifests": entries}).encode()
+            await run_in_asyncio(reg.client.put_manifest, "sample", "multi", index,
+                                 mf.DOCKER_MANIFEST_LIST)
+        finally:
+            await reg.aclose()
+        for platform, want in (("linux/amd64", amd), ("linux/arm64", arm)):
+            reg = Registry.open(f"{registry.host}/sample:multi",
+                                RegistryOptions(platform=mf.Platform.parse(platform)))
+            try:
+                image = await reg.resolve()
+                assert image.manifest_digest == want.manifest_digest
+            finally:
+                await reg.aclose()
+        reg = Registry.open(f"{registry.host}/sample:multi",
+                            RegistryOptions(platform=mf.Platform.parse("linux/riscv64")))
+        try:
+            with pytest.raises(FormatError, match="riscv64"):
+                await reg.resolve()
+        finally:
+            await reg.aclose()
+
+    run(main)
