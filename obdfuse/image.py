@@ -10,6 +10,7 @@ import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from obdfuse.blob import FileBlob
 from obdfuse.errors import FormatError
@@ -17,6 +18,9 @@ from obdfuse.layers.config import ImageConfig, load_config
 from obdfuse.layers.sealed import SealedLayer, open_layer
 from obdfuse.layers.stack import Stack
 from obdfuse.layers.writable import WritableLayer
+
+if TYPE_CHECKING:
+    from obdfuse.remote_image import RemoteOptions
 
 UPPER_DATA = "data"
 UPPER_INDEX = "index"
@@ -29,8 +33,13 @@ async def open_image(
     size: int | None = None,
     cache_dir: Path | None = None,
     read_only: bool | None = None,
+    remote: RemoteOptions | None = None,
 ) -> Stack:
-    """Open `spec` (config.v1.json or layer file) as a Stack.
+    """Open `spec` (config.v1.json, layer file or image reference) as a Stack.
+
+    An image reference (`host[:port]/repo[:tag|@digest]`) is resolved in its
+    registry and its layers read lazily through the cache (`remote` options;
+    `cache_dir` overrides theirs).
 
     `upper`: a directory holding a writable layer (`data` + `index`), created
     when missing with virtual size `size` (default: the lowers' size); an
@@ -38,12 +47,16 @@ async def open_image(
     upper, unless `read_only` says otherwise.
     """
     text = os.fspath(spec)
-    for accepts, opener in IMAGE_OPENERS:
-        if accepts(text):
-            lowers, config_upper, config = await opener(text, cache_dir)
-            break
+    if _is_reference(text):
+        lowers, config_upper, config = await _open_reference(text, cache_dir, remote)
     else:
-        raise FormatError(f"{text}: not a file (expected a config.v1.json or a layer file)")
+        for accepts, opener in IMAGE_OPENERS:
+            if accepts(text):
+                lowers, config_upper, config = await opener(text, cache_dir)
+                break
+        else:
+            raise FormatError(f"{text}: not a file (expected a config.v1.json, a layer file "
+                              "or an image reference)")
     try:
         if upper is not None and config_upper is not None:
             raise FormatError(f"{text}: the config names an upper layer; do not pass another")
@@ -137,6 +150,26 @@ async def _open_config(text: str, cache_dir: Path | None) -> Opened:
         cleanup.pop_all()
     upper = (config.upper.data, config.upper.index) if config.upper else None
     return lowers, upper, config
+
+
+def _is_reference(text: str) -> bool:
+    from obdfuse.registry.reference import looks_like_reference
+
+    return not Path(text).exists() and looks_like_reference(text)
+
+
+async def _open_reference(
+    text: str, cache_dir: Path | None, remote: RemoteOptions | None
+) -> Opened:
+    from dataclasses import replace
+
+    from obdfuse.remote_image import RemoteOptions, open_remote_layers
+
+    options = remote or RemoteOptions()
+    if cache_dir is not None:
+        options = replace(options, cache_dir=Path(cache_dir))
+    lowers, _ = await open_remote_layers(text, options)
+    return lowers, None, None
 
 
 async def _open_layer_path(text: str, cache_dir: Path | None) -> Opened:

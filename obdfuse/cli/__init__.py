@@ -22,6 +22,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("obdfuse.cli.dump_cmd", "dump"),
     ("obdfuse.cli.mount_cmd", "mount"),
     ("obdfuse.cli.mount_cmd", "umount"),
+    ("obdfuse.cli.push_cmd", "push"),
+    ("obdfuse.cli.stat_cmd", "stat"),
 ]
 
 
