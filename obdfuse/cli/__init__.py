@@ -18,6 +18,7 @@ from obdfuse.errors import ObdfuseError
 # (module, attribute) of each subcommand; a new command is one new module + one line.
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("obdfuse.cli.zfile_cmd", "zfile"),
+    ("obdfuse.cli.iscsi_cmd", "iscsi"),
 ]
 
 
