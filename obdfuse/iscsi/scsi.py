@@ -18,13 +18,13 @@ from obdfuse.iscsi import sense as S
 from obdfuse.iscsi.sense import ScsiError, illegal
 
 BLOCK = 512
-LBPPBE = 3  # 8 logical blocks per 4 KiB physical block
+LBPPBE = 0  # physical block = logical block (see docs: GET LBA STATUS tests)
 MAX_TRANSFER_BLOCKS = 16384  # 8 MiB per command
 OPTIMAL_TRANSFER_BLOCKS = 2048
-MAX_UNMAP_BLOCKS = 1 << 22
+MAX_UNMAP_BLOCKS = 1 << 20
 MAX_UNMAP_DESCRIPTORS = 256
-MAX_WRITE_SAME_BLOCKS = 1 << 22
-MAX_COMPARE_AND_WRITE_BLOCKS = 128
+MAX_WRITE_SAME_BLOCKS = 0xFFFF
+MAX_COMPARE_AND_WRITE_BLOCKS = 255
 WRITE_SAME_CHUNK = 1 << 20
 
 VENDOR = b"OBDFUSE "
@@ -67,6 +67,7 @@ _SERVICE_ACTIONS: dict[tuple[int, int], tuple[int, str]] = {
     (0x9E, 0x12): (16, "GET LBA STATUS"),
     (0xA3, 0x0C): (12, "REPORT SUPPORTED OPERATION CODES"),
 }
+_EXACT_DATA_OUT = {0x41, 0x93, 0x89}
 _WRITES = {0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E, 0x41, 0x93, 0x42, 0x89, 0x8B}
 # Commands allowed through a RESERVE(6) held by another nexus (SPC-2 §5.5.1).
 _RESERVATION_EXEMPT = {0x12, 0xA0, 0x03, 0x17, 0x25, 0x9E, 0xA3}
@@ -157,10 +158,17 @@ class LogicalUnit:
             return 0
         return 0
 
-    async def execute(self, nexus: str, cdb: bytes, data: bytes = b"") -> ScsiResult:
-        """Run one command for `nexus`; never raises for SCSI-level errors."""
+    async def execute(self, nexus: str, cdb: bytes, data: bytes = b"",
+                      edtl: int | None = None) -> ScsiResult:
+        """Run one command for `nexus`; never raises for SCSI-level errors.
+
+        `data` is the data-out received; `edtl` the transport's expected transfer
+        length (None: the length the CDB implies).
+        """
         op = cdb[0]
         try:
+            if edtl is not None and op in _EXACT_DATA_OUT and edtl != self.data_out_length(cdb):
+                raise illegal()  # WRITE SAME / COMPARE AND WRITE need exactly their data
             if op not in _UA_EXEMPT:
                 ua = self._pending_ua(nexus)
                 if ua is not None:

@@ -160,7 +160,8 @@ class IscsiServer:
                     if task.aborted:
                         continue
                     lu = self.config.luns[task.lun]
-                    result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf))
+                    result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
+                                              task.edtl if task.write else None)
                     conn.complete(task, result)
                     await flush()
 

@@ -23,6 +23,9 @@ CMDSN_WINDOW = 64
 MAX_SOLICITING = 4  # write tasks holding an R2T at once (bounds buffered data)
 MAX_PENDING_TASKS = 256
 
+DATA_PHASE_ERROR = (0x4B, 0x00)
+DATA_OFFSET_ERROR = (0x4B, 0x05)
+
 TMF_ABORT_TASK = 1
 TMF_ABORT_TASK_SET = 2
 TMF_CLEAR_ACA = 3
@@ -408,9 +411,9 @@ class Connection:
             expected_offset = task.received
             limit = task.r2t_offset + task.r2t_length
         if d.datasn != task.next_datasn:
-            raise W.ProtocolError(f"DataSN {d.datasn}, expected {task.next_datasn}", bhs=bhs)
+            return self._fail_transfer(task, DATA_PHASE_ERROR)
         if d.offset != expected_offset or d.offset + len(d.data) > limit:
-            raise W.ProtocolError("Data-Out offset/length outside the burst", bhs=bhs)
+            return self._fail_transfer(task, DATA_OFFSET_ERROR)
         task.next_datasn += 1
         self._accept_data(task, d.data)
         if d.ttt == W.RESERVED_TAG:
@@ -431,6 +434,18 @@ class Connection:
         elif d.final:
             raise W.ProtocolError("F bit before the end of the burst", bhs=bhs)
         return []
+
+    def _fail_transfer(self, task: Task, code: tuple[int, int]) -> list[Task]:
+        """End a write whose Data-Out sequence is broken with ABORTED COMMAND;
+        its remaining Data-Out PDUs are dropped (ErrorRecoveryLevel 0)."""
+        self._abort(task)
+        sense = S.Sense(S.ABORTED_COMMAND, *code).encode(self._descriptor_sense(task))
+        self._respond(task, S.CHECK_CONDITION, sense=sense)
+        return []
+
+    def _descriptor_sense(self, task: Task) -> bool:
+        lu = self.config.luns.get(task.lun)
+        return bool(lu and lu.d_sense)
 
     # ------------------------------------------------------------ others
 
