@@ -116,12 +116,13 @@ class LogicalUnit:
         if self.reservation == nexus:
             self.reservation = None
 
-    def reset(self, by: str) -> None:
-        """LOGICAL UNIT RESET: clear reservations, UA 29h/03h for the other nexuses."""
+    def reset(self, by: str, code: tuple[int, int] = S.LUN_RESET_OCCURRED) -> None:
+        """LOGICAL UNIT RESET (or a target reset): clear reservations, and raise a
+        unit attention for every other nexus."""
         self.reservation = None
         for key, st in self._nexus.items():
             if key != by:
-                st.unit_attentions.append(S.LUN_RESET_OCCURRED)
+                st.unit_attentions.append(code)
 
     def _pending_ua(self, nexus: str) -> tuple[int, int] | None:
         st = self._nexus.get(nexus)
@@ -362,12 +363,18 @@ class LogicalUnit:
         anchor = bool(flags & 0x10)
         if anchor or (ndob and not unmap):
             raise illegal()
-        if n == 0 or n > MAX_WRITE_SAME_BLOCKS:  # WSNZ=1 in VPD B0h
+        if lba > self.blocks:
+            raise ScsiError(S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+        if n == 0:  # WSNZ=0: zero blocks means "to the last LBA"
+            n = self.blocks - lba
+        if n > MAX_WRITE_SAME_BLOCKS:
             raise illegal()
         self._check_range(lba, n)
+        if n == 0:
+            return ScsiResult()
         self._check_writable()
         block = bytes(BLOCK) if ndob else bytes(data[:BLOCK]).ljust(BLOCK, b"\0")
-        if unmap and not any(block):
+        if unmap:  # deallocate (LBPRZ: reads back as zeros), as initiators expect
             await self._discard(lba, n)
             return ScsiResult()
         chunk_blocks = WRITE_SAME_CHUNK // BLOCK
@@ -557,7 +564,6 @@ class LogicalUnit:
 
     def _vpd_block_limits(self) -> bytes:
         body = bytearray(0x3C)
-        body[0] = 0x01  # WSNZ
         body[1] = MAX_COMPARE_AND_WRITE_BLOCKS
         body[2:4] = (1 << LBPPBE).to_bytes(2, "big")
         body[4:8] = MAX_TRANSFER_BLOCKS.to_bytes(4, "big")

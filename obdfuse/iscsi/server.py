@@ -131,6 +131,9 @@ class IscsiServer:
             conn.nexus_lost()
             if key is not None and self._sessions.by_key.get(key) is scope:
                 del self._sessions.by_key[key]
+            if conn.cold_reset:
+                for other in list(self._sessions.by_key.values()):
+                    other.cancel()
 
     async def _login(self, stream, conn: Connection, flush) -> bool:
         """Run the login phase under a deadline and a cap on concurrent logins."""

@@ -31,6 +31,8 @@ TMF_ABORT_TASK_SET = 2
 TMF_CLEAR_ACA = 3
 TMF_CLEAR_TASK_SET = 4
 TMF_LUN_RESET = 5
+TMF_TARGET_WARM_RESET = 6
+TMF_TARGET_COLD_RESET = 7
 TMF_COMPLETE, TMF_NO_TASK, TMF_NO_LUN, TMF_NOT_SUPPORTED = 0, 1, 2, 5
 
 
@@ -87,6 +89,7 @@ class Connection:
         self.params = self.login.params
         self.full_feature = False
         self.closing = False
+        self.cold_reset = False
         self.nexus = ""
         self.session_key: tuple[str, bytes] | None = None
         self.statsn = 0
@@ -522,6 +525,14 @@ class Connection:
                 if task.lun == lun:
                     self._abort(task)
             self.config.luns[lun].reset(self.nexus)
+        elif fn in (TMF_TARGET_WARM_RESET, TMF_TARGET_COLD_RESET):
+            for task in list(self._tasks.values()):
+                self._abort(task)
+            for lu in self.config.luns.values():
+                lu.reset(self.nexus, S.TARGET_RESET_OCCURRED)
+            if fn == TMF_TARGET_COLD_RESET:
+                self.cold_reset = True  # the driver drops every session (RFC 7143 §11.5.1)
+                self.closing = True
         else:
             response = TMF_NOT_SUPPORTED
         self._emit(W.TaskManagementResponse(itt=req.itt, response=response,
