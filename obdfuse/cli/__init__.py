@@ -18,6 +18,8 @@ from obdfuse.errors import ObdfuseError
 # (module, attribute) of each subcommand; a new command is one new module + one line.
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("obdfuse.cli.zfile_cmd", "zfile"),
+    ("obdfuse.cli.layer_cmd", "layer"),
+    ("obdfuse.cli.dump_cmd", "dump"),
     ("obdfuse.cli.iscsi_cmd", "iscsi"),
 ]
 

@@ -1,0 +1,161 @@
+"""Open an image as a `Stack`: a config.v1.json or a single layer file (+ an optional upper).
+
+Dispatch is a list of (predicate, opener) pairs so new kinds of image specs
+(registry references) are one more entry in `IMAGE_OPENERS`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from obdfuse.blob import FileBlob
+from obdfuse.errors import FormatError
+from obdfuse.layers.config import ImageConfig, load_config
+from obdfuse.layers.sealed import SealedLayer, open_layer
+from obdfuse.layers.stack import Stack
+from obdfuse.layers.writable import WritableLayer
+
+UPPER_DATA = "data"
+UPPER_INDEX = "index"
+
+
+async def open_image(
+    spec: str | os.PathLike[str],
+    *,
+    upper: Path | None = None,
+    size: int | None = None,
+    cache_dir: Path | None = None,
+    read_only: bool | None = None,
+) -> Stack:
+    """Open `spec` (config.v1.json or layer file) as a Stack.
+
+    `upper`: a directory holding a writable layer (`data` + `index`), created
+    when missing, sized like the lowers or `size` if there are none. The stack
+    is writable iff it has an upper, unless `read_only` says otherwise.
+    """
+    text = os.fspath(spec)
+    for accepts, opener in IMAGE_OPENERS:
+        if accepts(text):
+            lowers, config_upper, config = await opener(text, cache_dir)
+            break
+    else:
+        raise FormatError(f"{text}: not a file (expected a config.v1.json or a layer file)")
+    try:
+        if upper is not None and config_upper is not None:
+            raise FormatError(f"{text}: the config names an upper layer; do not pass another")
+        rw: WritableLayer | None = None
+        ro = bool(read_only) if read_only is not None else False
+        if upper is not None:
+            rw = open_upper_dir(Path(upper), lowers, size, read_only=ro)
+        elif config_upper is not None:
+            data, index = config_upper
+            rw = WritableLayer.open(data, index, read_only=ro)
+        if rw is not None and lowers:
+            vsize = _lowers_vsize(lowers)
+            if rw.virtual_size == 0 and vsize:
+                rw.set_virtual_size(vsize)
+        stack = Stack(lowers, rw, read_only=read_only)
+    except BaseException as exc:
+        for layer in lowers:
+            await layer.aclose()
+        if config is not None:
+            config.write_result(f"failed:{exc}")
+        raise
+    if config is not None:
+        config.write_result("success")
+    if stack.size == 0:
+        await stack.aclose()
+        raise FormatError(f"{text}: the image has no virtual size (no layers and no size given)")
+    return stack
+
+
+def open_upper_dir(
+    path: Path, lowers: list[SealedLayer], size: int | None, *, read_only: bool
+) -> WritableLayer:
+    """Open or create the writable layer kept in directory `path`."""
+    data, index = path / UPPER_DATA, path / UPPER_INDEX
+    want = _lowers_vsize(lowers) or size
+    if data.exists():
+        layer = WritableLayer.open(data, index, read_only=read_only)
+        expected = size if size is not None else _lowers_vsize(lowers)
+        if expected and layer.virtual_size != expected:
+            layer.close()
+            raise FormatError(
+                f"{path}: the writable layer has virtual size {layer.virtual_size}, "
+                f"but the image needs {expected}"
+            )
+        return layer
+    if read_only:
+        raise FormatError(f"{path}: no writable layer here to open read-only")
+    if not want:
+        raise FormatError(f"{path}: cannot create a writable layer without a size")
+    path.mkdir(parents=True, exist_ok=True)
+    parent = lowers[-1].uuid if lowers else None
+    return WritableLayer.create(data, index, want, parent_uuid=parent)
+
+
+def _lowers_vsize(lowers: list[SealedLayer]) -> int:
+    for layer in reversed(lowers):
+        if layer.virtual_size > 0:
+            return layer.virtual_size
+    return 0
+
+
+Opened = tuple[list[SealedLayer], tuple[Path, Path | None] | None, ImageConfig | None]
+
+
+def _is_config(text: str) -> bool:
+    path = Path(text)
+    if not path.is_file():
+        return False
+    if path.suffix == ".json":
+        return True
+    with open(path, "rb") as f:
+        return f.read(64).lstrip()[:1] == b"{"
+
+
+async def _open_config(text: str, cache_dir: Path | None) -> Opened:
+    config = load_config(text)
+    lowers: list[SealedLayer] = []
+    async with AsyncExitStack() as cleanup:
+        try:
+            for i, lower in enumerate(config.lowers):
+                file = lower.local_file()
+                if file is None:
+                    raise FormatError(
+                        f"{config.path}: lowers[{i}] has no local file "
+                        f"(file={lower.file}, dir={lower.dir}); remote layers need a registry"
+                    )
+                lowers.append(await open_layer_file(file))
+                cleanup.push_async_callback(lowers[-1].aclose)
+        except BaseException as exc:
+            config.write_result(f"failed:{exc}")
+            raise
+        cleanup.pop_all()
+    upper = (config.upper.data, config.upper.index) if config.upper else None
+    return lowers, upper, config
+
+
+async def _open_layer_path(text: str, cache_dir: Path | None) -> Opened:
+    return [await open_layer_file(Path(text))], None, None
+
+
+async def open_layer_file(path: Path) -> SealedLayer:
+    """Open one local layer file (tar/ZFile/LSMT detected)."""
+    blob = FileBlob(path)
+    try:
+        return await open_layer(blob)
+    except BaseException:
+        blob.close()
+        raise
+
+
+IMAGE_OPENERS: list[
+    tuple[Callable[[str], bool], Callable[[str, Path | None], Awaitable[Opened]]]
+] = [
+    (_is_config, _open_config),
+    (lambda text: Path(text).is_file(), _open_layer_path),
+]
