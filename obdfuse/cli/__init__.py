@@ -24,6 +24,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("obdfuse.cli.mount_cmd", "umount"),
     ("obdfuse.cli.push_cmd", "push"),
     ("obdfuse.cli.stat_cmd", "stat"),
+    ("obdfuse.cli.iscsi_cmd", "iscsi"),
 ]
 
 
