@@ -25,6 +25,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("obdfuse.cli.push_cmd", "push"),
     ("obdfuse.cli.stat_cmd", "stat"),
     ("obdfuse.cli.iscsi_cmd", "iscsi"),
+    ("obdfuse.cli.convert_cmd", "convert"),
+    ("obdfuse.cli.convert_cmd", "build"),
 ]
 
 
