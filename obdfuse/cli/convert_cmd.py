@@ -44,7 +44,7 @@ def _common(fn):
         click.option(
             "--cache-dir",
             type=click.Path(path_type=Path),
-            help="Where the base layer is cached [default: ~/.cache/obdfuse].",
+            help="Where the base layer is cached [default: /var/cache/obdfuse, as for mount].",
         ),
         click.option(
             "--work-dir",

@@ -70,6 +70,46 @@ def obdfuse_cli(
     return proc
 
 
+def obdfuse_cli_on_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a pseudo-terminal: (exit code, stdout, terminal output)."""
+    import pty
+    import select
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("NOTIFY_SOCKET", None)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "obdfuse", *args],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+        env=env,
+    )
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the other side closed
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        stdout = proc.communicate(timeout=max(1, deadline - time.monotonic()))[0]
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout, b"".join(chunks).decode(errors="replace")
+
+
 def layout_config(layout: Path, tag: str, where: Path) -> Path:
     """A config.v1.json whose lowers are the layer blobs of `layout:tag`."""
     index = json.loads((layout / "index.json").read_text())
@@ -164,13 +204,17 @@ def test_converted_image_mounts_lazily_from_the_registry(cache_dir, registry, mo
     (tree / "etc/hostname").write_text("lazy\n")
     run_umoci_image(tmp_path / "layout", tree)
     push_to_registry(tmp_path / "layout", "v1", f"{registry.host}/lazy-src:v1")
-    obdfuse_cli(
+    rc, stdout, terminal = obdfuse_cli_on_a_terminal(
         "convert",
         "--cache-dir",
         str(cache_dir),
         f"{registry.host}/lazy-src:v1",
         f"{registry.host}/lazy:v1",
     )
+    assert rc == 0, terminal
+    assert stdout.startswith(f"{registry.host}/lazy:v1@sha256:")
+    for step in ("download", "apply layer 1/1", "commit layer-0", "upload"):
+        assert step in terminal, f"no {step!r} progress bar on the terminal: {terminal!r}"
     manifest = registry_json(
         registry, "lazy/manifests/v1", "application/vnd.oci.image.manifest.v1+json"
     )
