@@ -23,6 +23,7 @@ from obdfuse.convert.workspace import loop_table, mounted_paths
 from tests.convert.images import (
     assert_same_tree,
     build_rich_image,
+    make_multi_platform,
     push_to_registry,
     recompress,
     umoci_unpack,
@@ -434,3 +435,40 @@ def test_a_killed_convert_is_cleaned_up_by_the_next(rich, cache_dir, tmp_path) -
         f"oci:{tmp_path / 'out'}",
     )
     assert _leftovers(work) == [] and list(work.iterdir()) == []
+
+
+def test_multi_platform_source_from_the_registry(rich, cache_dir, registry, mounts, tmp_path):
+    layout, reference = rich
+    multi = make_multi_platform(layout, "v1", tmp_path / "multi")
+    push_to_registry(multi, "multi", f"{registry.host}/multi:1")
+    for platform, arch in (("linux/arm64", "arm64"), ("linux/amd64", "amd64")):
+        repo = f"obd-{arch}"
+        obdfuse_cli(
+            "convert",
+            "--cache-dir",
+            str(cache_dir),
+            "--platform",
+            platform,
+            "--docker-media-types",
+            f"{registry.host}/multi:1",
+            f"{registry.host}/{repo}:1",
+        )
+        manifest = registry_json(
+            registry, f"{repo}/manifests/1", "application/vnd.docker.distribution.manifest.v2+json"
+        )
+        assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+        assert manifest["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
+        assert {d["mediaType"] for d in manifest["layers"]} == {
+            "application/vnd.docker.image.rootfs.diff.tar"
+        }
+        config = registry_json(registry, f"{repo}/blobs/{manifest['config']['digest']}")
+        assert config["architecture"] == arch
+        assert ("VARIANT=arm64" in config["config"]["Env"]) == (arch == "arm64")
+    root = mount_tree(
+        mounts,
+        f"{registry.host}/obd-arm64:1",
+        tmp_path,
+        "--cache-dir",
+        str(tmp_path / "blob-cache"),
+    )
+    assert_same_tree(root, reference)
