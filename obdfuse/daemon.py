@@ -241,11 +241,7 @@ async def _serve_mounted(
             mode = "read-only" if fs.device.read_only else "read-write"
             log.info(
                 "mounted %s at %s (%d bytes, %s, pid %d)",
-                settings.image,
-                settings.mountpoint,
-                fs.device.size,
-                mode,
-                os.getpid(),
+                settings.image, settings.mountpoint, fs.device.size, mode, os.getpid(),
             )
             sd_notify("READY=1", f"STATUS=serving {settings.image} at {settings.mountpoint}")
             readiness.ready()

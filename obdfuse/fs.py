@@ -149,8 +149,8 @@ class ImageFS(pyfuse3.Operations):
         self._mtime_ns = self._started_ns
         self._uid, self._gid = os.getuid(), os.getgid()
         # A read-only image never changes: let the kernel cache attributes for long.
-        self._attr_timeout = (
-            attr_timeout if attr_timeout is not None else (3600.0 if device.read_only else 1.0)
+        self._attr_timeout = attr_timeout if attr_timeout is not None else (
+            3600.0 if device.read_only else 1.0
         )
 
     # -- lifecycle ---------------------------------------------------------

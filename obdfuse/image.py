@@ -55,10 +55,8 @@ async def open_image(
                 lowers, config_upper, config = await opener(text, cache_dir)
                 break
         else:
-            raise FormatError(
-                f"{text}: not a file (expected a config.v1.json, a layer file "
-                "or an image reference)"
-            )
+            raise FormatError(f"{text}: not a file (expected a config.v1.json, a layer file "
+                              "or an image reference)")
     try:
         if upper is not None and config_upper is not None:
             raise FormatError(f"{text}: the config names an upper layer; do not pass another")

@@ -117,22 +117,16 @@ async def open_remote_image(spec: str, options: RemoteOptions | None = None) -> 
         if options.require_overlaybd:
             for layer in image.manifest.layers:
                 if overlaybd_layer(layer) is None:
-                    raise FormatError(
-                        f"{spec}: layer {layer.digest} is not an overlaybd layer "
-                        "(no overlaybd annotations)"
-                    )
+                    raise FormatError(f"{spec}: layer {layer.digest} is not an overlaybd layer "
+                                      "(no overlaybd annotations)")
         cache = await trio.to_thread.run_sync(
-            lambda: BlobCache(
-                options.cache_dir, chunk_size=options.chunk_size, capacity=options.cache_size
-            )
-        )
+            lambda: BlobCache(options.cache_dir, chunk_size=options.chunk_size,
+                              capacity=options.cache_size))
     except BaseException:
         await registry.aclose()
         raise
-    blobs = [
-        cache.wrap(remote, remote.digest, name=f"{image.reference.repository}@{remote.digest[:19]}")
-        for remote in registry.layer_blobs(image)
-    ]
+    blobs = [cache.wrap(remote, remote.digest, name=f"{image.reference.repository}@"
+                        f"{remote.digest[:19]}") for remote in registry.layer_blobs(image)]
     remote = RemoteImage(registry, image, cache, blobs)
     OPEN_IMAGES.append(remote)
     if options.background_fetch:
@@ -147,6 +141,8 @@ async def open_remote_layers(spec: str, options: RemoteOptions | None = None):
     Closing the layers (e.g. through `Stack.aclose`) closes the remote image.
     """
     from obdfuse.layers.sealed import open_layer
+
+
 
     remote = await open_remote_image(spec, options)
     layers = []

@@ -68,18 +68,11 @@ class _Fetch:
 class BlobCache:
     """A cache directory shared by the CachedBlobs of one process."""
 
-    def __init__(
-        self,
-        root: Path = DEFAULT_CACHE_DIR,
-        *,
-        chunk_size: int = DEFAULT_CHUNK,
-        capacity: int | None = None,
-        whole_below: int = 4 << 20,
-    ) -> None:
+    def __init__(self, root: Path = DEFAULT_CACHE_DIR, *, chunk_size: int = DEFAULT_CHUNK,
+                 capacity: int | None = None, whole_below: int = 4 << 20) -> None:
         if chunk_size <= 0 or chunk_size % 4096:
-            raise ObdfuseError(
-                f"cache chunk size must be a positive multiple of 4096, not {chunk_size}"
-            )
+            raise ObdfuseError(f"cache chunk size must be a positive multiple of 4096, "
+                               f"not {chunk_size}")
         self.root = Path(root)
         self.blob_dir = self.root / "blobs"
         self.chunk_size = chunk_size
@@ -91,10 +84,8 @@ class BlobCache:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise ObdfuseError(
-                f"cache directory {self.root} is in use by another obdfuse "
-                "process (use another --cache-dir)"
-            ) from None
+            raise ObdfuseError(f"cache directory {self.root} is in use by another obdfuse "
+                               "process (use another --cache-dir)") from None
         self._files: dict[str, BlobFiles] = {}
         self._lru: OrderedDict[ChunkKey, int] = OrderedDict()
         self.used = 0
@@ -190,11 +181,8 @@ class BlobCache:
         for digest, indices in victims.items():
             self._files[digest].evict(indices)
         if victims:
-            log.debug(
-                "cache: evicted %d chunks, %d bytes in use",
-                sum(map(len, victims.values())),
-                self.used,
-            )
+            log.debug("cache: evicted %d chunks, %d bytes in use",
+                      sum(map(len, victims.values())), self.used)
 
     def drop_blob(self, files: BlobFiles) -> None:
         self._forget(files)
@@ -242,9 +230,8 @@ class BlobCache:
 class CachedBlob:
     """A remote Blob read through the persistent chunk cache."""
 
-    def __init__(
-        self, cache: BlobCache, remote: Blob, digest: str, *, name: str | None = None
-    ) -> None:
+    def __init__(self, cache: BlobCache, remote: Blob, digest: str, *,
+                 name: str | None = None) -> None:
         self.cache = cache
         self.remote = remote
         self.digest = digest
@@ -266,13 +253,9 @@ class CachedBlob:
 
     def stats_dict(self) -> dict[str, object]:
         remote = getattr(self.remote, "stats", None)
-        out: dict[str, object] = {
-            "name": self.name,
-            "digest": self.digest,
-            "size": self.size,
-            "chunks_cached": self.files.present_count,
-            "chunks": self.files.nchunks,
-        }
+        out: dict[str, object] = {"name": self.name, "digest": self.digest, "size": self.size,
+                                  "chunks_cached": self.files.present_count,
+                                  "chunks": self.files.nchunks}
         out.update(self.stats.as_dict())
         if remote is not None and hasattr(remote, "as_dict"):
             out.update(remote.as_dict())
@@ -350,9 +333,8 @@ class CachedBlob:
             length = min((fetch.last + 1) * self.chunk_size, self.size) - offset
             data = await self.remote.pread(offset, length)
             if len(data) != length:
-                raise ObdfuseError(
-                    f"{self.name}: short read of {len(data)}/{length} bytes at {offset}"
-                )
+                raise ObdfuseError(f"{self.name}: short read of {len(data)}/{length} bytes "
+                                   f"at {offset}")
             await trio.to_thread.run_sync(self.files.store, fetch.first, data)
             self.stats.chunks_fetched += fetch.last - fetch.first + 1
             self.cache.added(self.files, fetch.first, fetch.last)
@@ -379,7 +361,8 @@ class CachedBlob:
             return  # verified concurrently
         self.stats.verify_failures += 1
         self.cache.drop_blob(self.files)
-        msg = f"{self.name}: content has digest {actual}, expected {self.digest}; dropped its cache"
+        msg = (f"{self.name}: content has digest {actual}, expected {self.digest}; "
+               "dropped its cache")
         log.error(msg)
         raise CorruptDataError(msg)
 
@@ -395,11 +378,8 @@ class CachedBlob:
             return
         ahead = min(READAHEAD_MAX, max(READAHEAD_START, self._streak // self.chunk_size))
         end = min(self.files.nchunks - 1, last + ahead)
-        todo = [
-            i
-            for i in range(last + 1, end + 1)
-            if not self.files.present(i) and i not in self._inflight
-        ]
+        todo = [i for i in range(last + 1, end + 1)
+                if not self.files.present(i) and i not in self._inflight]
         if todo:
             self.stats.readahead_chunks += len(todo)
             self.spawn(self._ensure_quietly, todo[0], todo[-1])
@@ -436,12 +416,8 @@ class CachedBlob:
                 i += 1
                 continue
             j = i
-            while (
-                j + 1 < self.files.nchunks
-                and j + 1 - i < run_chunks
-                and not self.files.present(j + 1)
-                and j + 1 not in self._inflight
-            ):
+            while (j + 1 < self.files.nchunks and j + 1 - i < run_chunks
+                   and not self.files.present(j + 1) and j + 1 not in self._inflight):
                 j += 1
             await self.cache.wait_demand_idle()
             nbytes = min((j + 1) * self.chunk_size, self.size) - i * self.chunk_size

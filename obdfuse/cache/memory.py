@@ -72,7 +72,7 @@ class BlockCachedBlob:
             if (cached is not None or i > last) and run:
                 data = await self.inner.pread(run[0] * bs, len(run) * bs)
                 for j, b in enumerate(run):
-                    piece = data[j * bs : (j + 1) * bs]
+                    piece = data[j * bs:(j + 1) * bs]
                     blocks[b] = piece
                     self.lru.put((self._key, b), piece)
                 run = []
@@ -80,7 +80,7 @@ class BlockCachedBlob:
                 run.append(i)
         joined = b"".join(blocks[i] for i in range(first, last + 1))
         start = offset - first * bs
-        return joined[start : start + n]
+        return joined[start:start + n]
 
     async def aclose(self) -> None:
         await self.inner.aclose()

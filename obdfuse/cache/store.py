@@ -54,9 +54,8 @@ class BlobFiles:
         self.map_path = root / f"{hexd}.map"
         self._lock = threading.Lock()
         if size < 0 or size > MAX_BLOB_SIZE:
-            raise FormatError(
-                f"{digest}: blob size {size} is beyond the cache's limit of {MAX_BLOB_SIZE} bytes"
-            )
+            raise FormatError(f"{digest}: blob size {size} is beyond the cache's limit "
+                              f"of {MAX_BLOB_SIZE} bytes")
         self.verified = False
         self.bits = bytearray((self.nchunks + 7) // 8)
         self.present_count = 0
@@ -105,17 +104,13 @@ class BlobFiles:
     def _create(self) -> None:
         self.map_path.unlink(missing_ok=True)  # the map first: never a map over stale data
         self.data_path.unlink(missing_ok=True)
-        self.data_fd = os.open(
-            self.data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
-        )
+        self.data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                               0o600)
         os.ftruncate(self.data_fd, self.size)
         tmp = self.map_path.with_suffix(".map.tmp")
         with open(tmp, "wb") as fh:
-            fh.write(
-                MAP_HEADER.pack(MAP_MAGIC, self.size, self.chunk_size, 0, 0).ljust(
-                    MAP_HEADER_SIZE, b"\0"
-                )
-            )
+            fh.write(MAP_HEADER.pack(MAP_MAGIC, self.size, self.chunk_size, 0, 0).ljust(
+                MAP_HEADER_SIZE, b"\0"))
             fh.write(bytes(len(self.bits)))
             fh.flush()
             os.fsync(fh.fileno())

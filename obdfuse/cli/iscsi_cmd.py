@@ -20,10 +20,8 @@ def parse_chap(text: str | None, option: str) -> tuple[str, str] | None:
     if not sep or not user or not secret:
         raise click.BadParameter("use USER:SECRET", param_hint=option)
     if not 12 <= len(secret) <= 255:
-        click.echo(
-            f"obdfuse: warning: {option} secret should be 12 to 255 characters (RFC 7143 §12.1.3)",
-            err=True,
-        )
+        click.echo(f"obdfuse: warning: {option} secret should be 12 to 255 characters "
+                   "(RFC 7143 §12.1.3)", err=True)
     return user, secret
 
 
@@ -34,51 +32,23 @@ def iscsi() -> None:
 
 @iscsi.command()
 @click.argument("image")
-@click.option(
-    "--listen", default="127.0.0.1:3260", show_default=True, help="HOST:PORT to listen on."
-)
+@click.option("--listen", default="127.0.0.1:3260", show_default=True,
+              help="HOST:PORT to listen on.")
 @click.option("--iqn", default=None, help="Target name (default: iqn.2024-01.io.obdfuse:image).")
-@click.option(
-    "--chap",
-    "chap_text",
-    metavar="USER:SECRET",
-    default=None,
-    help="Require one-way CHAP from initiators.",
-)
-@click.option(
-    "--mutual-chap",
-    "mutual_text",
-    metavar="USER:SECRET",
-    default=None,
-    help="Also authenticate the target to the initiator (needs --chap).",
-)
-@click.option(
-    "--upper",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Writable upper layer directory (makes the LUN writable).",
-)
+@click.option("--chap", "chap_text", metavar="USER:SECRET", default=None,
+              help="Require one-way CHAP from initiators.")
+@click.option("--mutual-chap", "mutual_text", metavar="USER:SECRET", default=None,
+              help="Also authenticate the target to the initiator (needs --chap).")
+@click.option("--upper", type=click.Path(path_type=Path), default=None,
+              help="Writable upper layer directory (makes the LUN writable).")
 @click.option("--size", type=SIZE, default=None, help="Virtual size of a new upper layer.")
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Local cache for remote layers.",
-)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Local cache for remote layers.")
 @click.option("--raw", is_flag=True, help="IMAGE is a plain raw disk file.")
 @click.option("--writable", is_flag=True, help="With --raw: allow writes to the file.")
-def serve(
-    image: str,
-    listen: str,
-    iqn: str | None,
-    chap_text: str | None,
-    mutual_text: str | None,
-    upper: Path | None,
-    size: int | None,
-    cache_dir: Path | None,
-    raw: bool,
-    writable: bool,
-) -> None:
+def serve(image: str, listen: str, iqn: str | None, chap_text: str | None,
+          mutual_text: str | None, upper: Path | None, size: int | None,
+          cache_dir: Path | None, raw: bool, writable: bool) -> None:
     """Serve IMAGE as LUN 0 over iSCSI until interrupted."""
     import trio
 
@@ -95,32 +65,22 @@ def serve(
         raise click.BadParameter("needs --chap as well", param_hint="--mutual-chap")
     chap = None
     if chap_pair:
-        chap = ChapCredentials(
-            chap_pair[0], chap_pair[1], *(mutual_pair if mutual_pair else (None, None))
-        )
+        chap = ChapCredentials(chap_pair[0], chap_pair[1],
+                               *(mutual_pair if mutual_pair else (None, None)))
     if not is_loopback(host) and chap is None:
-        click.echo(
-            f"obdfuse: warning: listening on {host} without CHAP: anyone who can "
-            "reach this port can read the image",
-            err=True,
-        )
+        click.echo(f"obdfuse: warning: listening on {host} without CHAP: anyone who can "
+                   "reach this port can read the image", err=True)
     if raw and (upper or size or cache_dir):
         raise click.BadParameter("--raw takes no --upper/--size/--cache-dir", param_hint="--raw")
     if writable and not raw:
-        raise click.BadParameter(
-            "--writable is for --raw; use --upper for images", param_hint="--writable"
-        )
-    trio.run(_serve, image, listen, iqn or DEFAULT_IQN, chap, raw, writable, upper, size, cache_dir)
+        raise click.BadParameter("--writable is for --raw; use --upper for images",
+                                 param_hint="--writable")
+    trio.run(_serve, image, listen, iqn or DEFAULT_IQN, chap, raw, writable, upper, size,
+             cache_dir)
 
 
-async def _open_device(
-    image: str,
-    raw: bool,
-    writable: bool,
-    upper: Path | None,
-    size: int | None,
-    cache_dir: Path | None,
-):
+async def _open_device(image: str, raw: bool, writable: bool, upper: Path | None,
+                       size: int | None, cache_dir: Path | None):
     if raw:
         from obdfuse.device import RawFileDevice
 
@@ -128,9 +88,8 @@ async def _open_device(
     try:
         from obdfuse.image import open_image
     except ImportError as exc:
-        raise ObdfuseError(
-            "image support is not available in this build; serve a raw disk file with --raw"
-        ) from exc
+        raise ObdfuseError("image support is not available in this build; "
+                           "serve a raw disk file with --raw") from exc
     return await open_image(image, upper=upper, size=size, cache_dir=cache_dir)
 
 
@@ -145,11 +104,8 @@ async def _serve(image, listen, iqn, chap, raw, writable, upper, size, cache_dir
             port = await nursery.start(serve_iscsi, device, listen, iqn, chap)
             mode = "read-only" if device.read_only else "writable"
             host = listen.rsplit(":", 1)[0] or "127.0.0.1"
-            click.echo(
-                f"obdfuse: serving {image} ({mode}, {device.size} bytes) as "
-                f"iscsi://{host}:{port}/{iqn}/0",
-                err=True,
-            )
+            click.echo(f"obdfuse: serving {image} ({mode}, {device.size} bytes) as "
+                       f"iscsi://{host}:{port}/{iqn}/0", err=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()

@@ -29,41 +29,20 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 @click.command()
-@click.option(
-    "--upper",
-    type=click.Path(path_type=Path),
-    help="Writable layer directory "
-    "(DIR/data, DIR/index; created when missing). Without it the image is read-only.",
-)
+@click.option("--upper", type=click.Path(path_type=Path), help="Writable layer directory "
+              "(DIR/data, DIR/index; created when missing). Without it the image is read-only.")
 @click.option("--size", type=SIZE, help="Virtual disk size for a new upper layer with no lowers.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache for remote blobs.")
-@click.option(
-    "--foreground", "-f", is_flag=True, help="Stay attached (for a supervisor); logs go to stderr."
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-@click.option(
-    "--log-file",
-    type=click.Path(path_type=Path),
-    help="Daemon log in background mode [default: in the run directory].",
-)
-@click.option(
-    "--timeout",
-    type=float,
-    default=120.0,
-    show_default=True,
-    help="Seconds to wait for the mount to become ready.",
-)
-@click.option(
-    "--raw",
-    type=click.Choice(["ro", "rw"]),
-    hidden=True,
-    help="Serve IMAGE as a plain disk image file (testing and benchmarks).",
-)
+@click.option("--foreground", "-f", is_flag=True,
+              help="Stay attached (for a supervisor); logs go to stderr.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              default="info", show_default=True)
+@click.option("--log-file", type=click.Path(path_type=Path),
+              help="Daemon log in background mode [default: in the run directory].")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the mount to become ready.")
+@click.option("--raw", type=click.Choice(["ro", "rw"]), hidden=True,
+              help="Serve IMAGE as a plain disk image file (testing and benchmarks).")
 @click.option("--max-tasks", type=click.IntRange(1, 256), default=16, hidden=True)
 @click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=1024, hidden=True)
 @click.argument("image")
@@ -118,19 +97,10 @@ def mount(
 
 
 @click.command()
-@click.option(
-    "--timeout",
-    type=float,
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait for the daemon to flush and exit.",
-)
-@click.option(
-    "--lazy",
-    "-l",
-    is_flag=True,
-    help="Detach even if the image is still in use (it then fails with I/O errors).",
-)
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the daemon to flush and exit.")
+@click.option("--lazy", "-l", is_flag=True,
+              help="Detach even if the image is still in use (it then fails with I/O errors).")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def umount(mountpoint: Path, timeout: float, lazy: bool) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has flushed and exited."""

@@ -49,37 +49,14 @@ def layers_of(image: Path) -> list[Path]:
 @click.argument("ref")
 @registry_options
 @click.option("--oci", is_flag=True, help="OCI media types (default: Docker schema 2).")
-@click.option(
-    "--fs-type",
-    default="ext4",
-    show_default=True,
-    help="Filesystem annotation of the layers (blob-fs-type).",
-)
-@click.option(
-    "--chunk-size",
-    type=SIZE,
-    default="32M",
-    show_default=True,
-    help="Blobs larger than this are uploaded in chunks.",
-)
-@click.option(
-    "--timeout",
-    type=float,
-    default=30.0,
-    show_default=True,
-    help="Seconds to keep retrying when the registry fails or is unreachable.",
-)
-def push(
-    images: tuple[Path, ...],
-    ref: str,
-    creds: str | None,
-    plain_http: bool | None,
-    platform: str,
-    oci: bool,
-    fs_type: str,
-    chunk_size: int,
-    timeout: float,
-) -> None:
+@click.option("--fs-type", default="ext4", show_default=True,
+              help="Filesystem annotation of the layers (blob-fs-type).")
+@click.option("--chunk-size", type=SIZE, default="32M", show_default=True,
+              help="Blobs larger than this are uploaded in chunks.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to keep retrying when the registry fails or is unreachable.")
+def push(images: tuple[Path, ...], ref: str, creds: str | None, plain_http: bool | None,
+         platform: str, oci: bool, fs_type: str, chunk_size: int, timeout: float) -> None:
     """Upload IMAGE (a config.v1.json, or layer files bottom first) to REF.
 
     Layers keep their bytes (LSMT, ZFile or tar-wrapped) and get the overlaybd
@@ -91,20 +68,16 @@ def push(
     from obdfuse.registry.session import Registry, RegistryOptions
 
     paths = [p for image in images for p in layers_of(image)]
-    options = RegistryOptions(
-        creds=creds,
-        plain_http=plain_http,
-        platform=Platform.parse(platform),
-        policy=OutagePolicy("fail", timeout),
-    )
+    options = RegistryOptions(creds=creds, plain_http=plain_http,
+                              platform=Platform.parse(platform),
+                              policy=OutagePolicy("fail", timeout))
     total = sum(p.stat().st_size for p in paths)
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="push"
-        )
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                   desc="push")
 
     def progress(_name: str, n: int, _size: int) -> None:
         if bar is not None:
@@ -113,14 +86,8 @@ def push(
     async def main():
         registry = Registry.open(ref, options)
         try:
-            return await push_layers(
-                registry,
-                paths,
-                oci=oci,
-                fs_type=fs_type or None,
-                chunk_size=chunk_size,
-                progress=progress,
-            )
+            return await push_layers(registry, paths, oci=oci, fs_type=fs_type or None,
+                                     chunk_size=chunk_size, progress=progress)
         finally:
             await registry.aclose()
 

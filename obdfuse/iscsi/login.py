@@ -72,14 +72,8 @@ def _hex(value: str) -> bytes:
 class LoginStage:
     """One connection's login: feed requests, get responses, until `done`."""
 
-    def __init__(
-        self,
-        *,
-        target_name: str,
-        portal_group: int = 1,
-        chap: ChapCredentials | None = None,
-        known_targets: tuple[str, ...] = (),
-    ) -> None:
+    def __init__(self, *, target_name: str, portal_group: int = 1,
+                 chap: ChapCredentials | None = None, known_targets: tuple[str, ...] = ()) -> None:
         self.target_name = target_name
         self.known_targets = known_targets or (target_name,)
         self.portal_group = portal_group
@@ -100,9 +94,8 @@ class LoginStage:
 
     # ------------------------------------------------------------------ api
 
-    def handle(
-        self, req: LoginRequest, *, statsn: int, exp_cmdsn: int, max_cmdsn: int
-    ) -> LoginResponse:
+    def handle(self, req: LoginRequest, *, statsn: int, exp_cmdsn: int,
+               max_cmdsn: int) -> LoginResponse:
         """Process one Login Request; raises LoginFailed with the status to send."""
         self._pdus += 1
         if self._pdus > MAX_LOGIN_PDUS:
@@ -114,29 +107,15 @@ class LoginStage:
         elif req.isid != self.isid:
             raise LoginFailed(INITIATOR_ERROR, "ISID changed during login")
         self.itt = req.itt
-        if (
-            req.csg not in (SECURITY, OPERATIONAL)
-            or (req.transit and req.nsg not in (OPERATIONAL, FULL_FEATURE))
-            or (req.transit and req.nsg <= req.csg)
-        ):
+        if req.csg not in (SECURITY, OPERATIONAL) or (req.transit and req.nsg not in (
+                OPERATIONAL, FULL_FEATURE)) or (req.transit and req.nsg <= req.csg):
             raise LoginFailed(INITIATOR_ERROR, "invalid login stage transition")
 
-        def reply(
-            data: bytes = b"", *, transit: bool = False, nsg: int = 0, cont: bool = False
-        ) -> LoginResponse:
-            return LoginResponse(
-                itt=req.itt,
-                transit=transit,
-                csg=req.csg,
-                nsg=nsg,
-                isid=self.isid,
-                tsih=self.tsih,
-                statsn=statsn,
-                exp_cmdsn=exp_cmdsn,
-                max_cmdsn=max_cmdsn,
-                cont=cont,
-                data=data,
-            )
+        def reply(data: bytes = b"", *, transit: bool = False, nsg: int = 0,
+                  cont: bool = False) -> LoginResponse:
+            return LoginResponse(itt=req.itt, transit=transit, csg=req.csg, nsg=nsg,
+                                 isid=self.isid, tsih=self.tsih, statsn=statsn,
+                                 exp_cmdsn=exp_cmdsn, max_cmdsn=max_cmdsn, cont=cont, data=data)
 
         if len(self._text) + len(req.data) > P.MAX_TEXT:
             raise LoginFailed(INITIATOR_ERROR, "login text too long")
@@ -173,7 +152,8 @@ class LoginStage:
         if self.params.session_type == "Normal" and not self._sent_tpgt:
             answers.append(("TargetPortalGroupTag", str(self.portal_group)))
             self._sent_tpgt = True
-        return reply(P.encode_text(answers), transit=transit, nsg=req.nsg if transit else 0)
+        return reply(P.encode_text(answers), transit=transit,
+                     nsg=req.nsg if transit else 0)
 
     # ------------------------------------------------------------------ parts
 
@@ -219,11 +199,8 @@ class LoginStage:
             self._chap_id = secrets.randbelow(256)
             self._chap_challenge = secrets.token_bytes(CHAP_CHALLENGE_LEN)
             self._chap_state = "challenged"
-            return [
-                ("CHAP_A", CHAP_MD5),
-                ("CHAP_I", str(self._chap_id)),
-                ("CHAP_C", "0x" + self._chap_challenge.hex()),
-            ]
+            return [("CHAP_A", CHAP_MD5), ("CHAP_I", str(self._chap_id)),
+                    ("CHAP_C", "0x" + self._chap_challenge.hex())]
         if self._chap_state == "challenged" and "CHAP_N" in keys and "CHAP_R" in keys:
             return self._chap_verify(keys)
         raise LoginFailed(AUTH_FAILED, "unexpected CHAP exchange")
@@ -233,9 +210,8 @@ class LoginStage:
         assert chap is not None
         expected = chap_response(self._chap_id, chap.secret.encode(), self._chap_challenge)
         got = _hex(keys["CHAP_R"])
-        if not (
-            hmac.compare_digest(keys["CHAP_N"], chap.user) and hmac.compare_digest(got, expected)
-        ):
+        if not (hmac.compare_digest(keys["CHAP_N"], chap.user)
+                and hmac.compare_digest(got, expected)):
             raise LoginFailed(AUTH_FAILED, "CHAP authentication failed")
         answers: list[tuple[str, str]] = []
         if "CHAP_I" in keys or "CHAP_C" in keys:

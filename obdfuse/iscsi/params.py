@@ -73,11 +73,8 @@ class SessionParams:
 
 
 _BOOL = {"Yes": True, "No": False}
-_NUMERIC_MIN = {
-    "MaxBurstLength": TARGET_MAX_BURST,
-    "FirstBurstLength": TARGET_FIRST_BURST,
-    "DefaultTime2Wait": 3600,
-}
+_NUMERIC_MIN = {"MaxBurstLength": TARGET_MAX_BURST, "FirstBurstLength": TARGET_FIRST_BURST,
+                "DefaultTime2Wait": 3600}
 _NUMERIC_MAX = {"DefaultTime2Retain": 0}
 
 
@@ -102,18 +99,8 @@ def negotiate(
     answers: list[tuple[str, str]] = []
     for key, value in pairs:
         params.offered.add(key)
-        if key in (
-            "InitiatorName",
-            "InitiatorAlias",
-            "SessionType",
-            "TargetName",
-            "AuthMethod",
-            "CHAP_A",
-            "CHAP_N",
-            "CHAP_R",
-            "CHAP_I",
-            "CHAP_C",
-        ):
+        if key in ("InitiatorName", "InitiatorAlias", "SessionType", "TargetName",
+                   "AuthMethod", "CHAP_A", "CHAP_N", "CHAP_R", "CHAP_I", "CHAP_C"):
             if key == "InitiatorName":
                 params.initiator_name = value
             elif key == "InitiatorAlias":
@@ -127,15 +114,13 @@ def negotiate(
             continue  # security keys are handled by the login stage machine
         if key in ("HeaderDigest", "DataDigest"):
             supported = {"None", "CRC32C"} if allow_crc32c else {"None"}
-            pick = next((c for c in (v.strip() for v in value.split(",")) if c in supported), None)
+            pick = next((c for c in (v.strip() for v in value.split(",")) if c in supported),
+                        None)
             if pick is None:
                 answers.append((key, "Reject"))
                 continue
-            setattr(
-                params,
-                "header_digest" if key == "HeaderDigest" else "data_digest",
-                pick == "CRC32C",
-            )
+            setattr(params, "header_digest" if key == "HeaderDigest" else "data_digest",
+                    pick == "CRC32C")
             answers.append((key, pick))
         elif key in ("InitialR2T", "ImmediateData", "DataPDUInOrder", "DataSequenceInOrder"):
             if value not in _BOOL:
@@ -156,10 +141,8 @@ def negotiate(
                 result = True
             answers.append((key, "Yes" if result else "No"))
         elif key in _NUMERIC_MIN:
-            n = min(
-                _number(key, value, 0 if key == "DefaultTime2Wait" else 512, 2**24 - 1),
-                _NUMERIC_MIN[key],
-            )
+            n = min(_number(key, value, 0 if key == "DefaultTime2Wait" else 512, 2**24 - 1),
+                    _NUMERIC_MIN[key])
             if key == "MaxBurstLength":
                 params.max_burst = n
             elif key == "FirstBurstLength":
@@ -192,9 +175,8 @@ def negotiate(
     # FirstBurstLength may not exceed MaxBurstLength.
     if params.first_burst > params.max_burst:
         params.first_burst = params.max_burst
-        answers = [
-            (k, str(params.first_burst) if k == "FirstBurstLength" else v) for k, v in answers
-        ]
+        answers = [(k, str(params.first_burst) if k == "FirstBurstLength" else v)
+                   for k, v in answers]
     return answers
 
 
@@ -204,3 +186,4 @@ def declare_mrdsl(params: SessionParams) -> list[tuple[str, str]]:
         return []
     params.declared_mrdsl = True
     return [("MaxRecvDataSegmentLength", str(TARGET_MRDSL))]
+

@@ -65,12 +65,8 @@ class ProtocolError(Exception):
     """
 
     def __init__(
-        self,
-        message: str,
-        reason: RejectReason = RejectReason.PROTOCOL_ERROR,
-        *,
-        bhs: bytes = b"",
-        fatal: bool = True,
+        self, message: str, reason: RejectReason = RejectReason.PROTOCOL_ERROR,
+        *, bhs: bytes = b"", fatal: bool = True,
     ) -> None:
         super().__init__(message)
         self.reason = reason
@@ -154,7 +150,7 @@ class FrameReader:
         bhs = bytes(buf[:BHS_LEN])
         pos = BHS_LEN + buf[4] * 4
         if self.header_digest:
-            got = int.from_bytes(buf[pos : pos + 4], "little")
+            got = int.from_bytes(buf[pos:pos + 4], "little")
             if got != crc32c(buf[:pos]):
                 raise ProtocolError("header digest mismatch", bhs=bhs)
             pos += DIGEST_LEN
@@ -162,10 +158,10 @@ class FrameReader:
         data = b""
         if dlen:
             padded = dlen + pad_len(dlen)
-            data = bytes(buf[pos : pos + dlen])
+            data = bytes(buf[pos:pos + dlen])
             if self.data_digest:
-                got = int.from_bytes(buf[pos + padded : pos + padded + 4], "little")
-                if got != crc32c(buf[pos : pos + padded]):
+                got = int.from_bytes(buf[pos + padded:pos + padded + 4], "little")
+                if got != crc32c(buf[pos:pos + padded]):
                     del buf[:size]
                     raise ProtocolError(
                         "data digest mismatch", RejectReason.DATA_DIGEST, bhs=bhs, fatal=False
@@ -175,11 +171,8 @@ class FrameReader:
 
 
 def frame_bytes(
-    bhs: bytes | bytearray,
-    data: bytes | memoryview = b"",
-    *,
-    header_digest: bool = False,
-    data_digest: bool = False,
+    bhs: bytes | bytearray, data: bytes | memoryview = b"", *,
+    header_digest: bool = False, data_digest: bool = False,
 ) -> list[bytes | memoryview]:
     """The wire pieces of one PDU: BHS (+digest), data, padding (+digest)."""
     parts: list[bytes | memoryview] = [bytes(bhs)]
@@ -436,26 +429,12 @@ class AsyncMessage:
 
 
 InitiatorPdu = (
-    NopOut
-    | ScsiCommand
-    | TaskManagementRequest
-    | LoginRequest
-    | TextRequest
-    | DataOut
-    | LogoutRequest
-    | Snack
+    NopOut | ScsiCommand | TaskManagementRequest | LoginRequest | TextRequest | DataOut
+    | LogoutRequest | Snack
 )
 TargetPdu = (
-    NopIn
-    | ScsiResponse
-    | DataIn
-    | R2T
-    | TaskManagementResponse
-    | LoginResponse
-    | TextResponse
-    | LogoutResponse
-    | Reject
-    | AsyncMessage
+    NopIn | ScsiResponse | DataIn | R2T | TaskManagementResponse | LoginResponse | TextResponse
+    | LogoutResponse | Reject | AsyncMessage
 )
 
 
@@ -469,134 +448,57 @@ def decode_pdu(frame: Frame) -> InitiatorPdu:
     itt = _u32(b, 16)
     if op == Op.SCSI_CMD:
         return ScsiCommand(
-            itt=itt,
-            lun=lun,
-            edtl=_u32(b, 20),
-            cmdsn=_u32(b, 24),
-            exp_statsn=_u32(b, 28),
-            cdb=b[32:48],
-            read=bool(f1 & 0x40),
-            write=bool(f1 & 0x20),
-            final=bool(f1 & 0x80),
-            immediate=imm,
-            attr=f1 & 7,
-            data=frame.data,
+            itt=itt, lun=lun, edtl=_u32(b, 20), cmdsn=_u32(b, 24), exp_statsn=_u32(b, 28),
+            cdb=b[32:48], read=bool(f1 & 0x40), write=bool(f1 & 0x20), final=bool(f1 & 0x80),
+            immediate=imm, attr=f1 & 7, data=frame.data,
         )
     if op == Op.DATA_OUT:
         return DataOut(
-            itt=itt,
-            ttt=_u32(b, 20),
-            lun=lun,
-            final=bool(f1 & 0x80),
-            exp_statsn=_u32(b, 28),
-            datasn=_u32(b, 36),
-            offset=_u32(b, 40),
-            data=frame.data,
+            itt=itt, ttt=_u32(b, 20), lun=lun, final=bool(f1 & 0x80), exp_statsn=_u32(b, 28),
+            datasn=_u32(b, 36), offset=_u32(b, 40), data=frame.data,
         )
     if op == Op.NOP_OUT:
         return NopOut(
-            itt=itt,
-            ttt=_u32(b, 20),
-            lun=lun,
-            cmdsn=_u32(b, 24),
-            exp_statsn=_u32(b, 28),
-            immediate=imm,
-            data=frame.data,
+            itt=itt, ttt=_u32(b, 20), lun=lun, cmdsn=_u32(b, 24), exp_statsn=_u32(b, 28),
+            immediate=imm, data=frame.data,
         )
     if op == Op.LOGIN_REQ:
         return LoginRequest(
-            itt=itt,
-            transit=bool(f1 & 0x80),
-            cont=bool(f1 & 0x40),
-            csg=(f1 >> 2) & 3,
-            nsg=f1 & 3,
-            version_max=b[2],
-            version_min=b[3],
-            isid=b[8:14],
-            tsih=int.from_bytes(b[14:16], "big"),
-            cid=int.from_bytes(b[20:22], "big"),
-            cmdsn=_u32(b, 24),
-            exp_statsn=_u32(b, 28),
-            data=frame.data,
+            itt=itt, transit=bool(f1 & 0x80), cont=bool(f1 & 0x40), csg=(f1 >> 2) & 3,
+            nsg=f1 & 3, version_max=b[2], version_min=b[3], isid=b[8:14],
+            tsih=int.from_bytes(b[14:16], "big"), cid=int.from_bytes(b[20:22], "big"),
+            cmdsn=_u32(b, 24), exp_statsn=_u32(b, 28), data=frame.data,
         )
     if op == Op.TEXT_REQ:
         return TextRequest(
-            itt=itt,
-            ttt=_u32(b, 20),
-            final=bool(f1 & 0x80),
-            cont=bool(f1 & 0x40),
-            lun=lun,
-            cmdsn=_u32(b, 24),
-            exp_statsn=_u32(b, 28),
-            immediate=imm,
-            data=frame.data,
+            itt=itt, ttt=_u32(b, 20), final=bool(f1 & 0x80), cont=bool(f1 & 0x40), lun=lun,
+            cmdsn=_u32(b, 24), exp_statsn=_u32(b, 28), immediate=imm, data=frame.data,
         )
     if op == Op.TMF_REQ:
         return TaskManagementRequest(
-            itt=itt,
-            function=f1 & 0x7F,
-            lun=lun,
-            ref_itt=_u32(b, 20),
-            cmdsn=_u32(b, 24),
-            exp_statsn=_u32(b, 28),
-            ref_cmdsn=_u32(b, 32),
-            immediate=imm,
+            itt=itt, function=f1 & 0x7F, lun=lun, ref_itt=_u32(b, 20), cmdsn=_u32(b, 24),
+            exp_statsn=_u32(b, 28), ref_cmdsn=_u32(b, 32), immediate=imm,
         )
     if op == Op.LOGOUT_REQ:
         return LogoutRequest(
-            itt=itt,
-            reason=f1 & 0x7F,
-            cid=int.from_bytes(b[20:22], "big"),
-            cmdsn=_u32(b, 24),
-            exp_statsn=_u32(b, 28),
-            immediate=imm,
+            itt=itt, reason=f1 & 0x7F, cid=int.from_bytes(b[20:22], "big"), cmdsn=_u32(b, 24),
+            exp_statsn=_u32(b, 28), immediate=imm,
         )
     if op == Op.SNACK:
         return Snack(itt=itt, kind=f1 & 0x0F)
     raise ProtocolError(
-        f"unknown or target-only opcode 0x{op:02x}",
-        RejectReason.COMMAND_NOT_SUPPORTED,
-        bhs=bytes(b),
-        fatal=False,
+        f"unknown or target-only opcode 0x{op:02x}", RejectReason.COMMAND_NOT_SUPPORTED,
+        bhs=bytes(b), fatal=False,
     )
 
 
 _HDR = struct.Struct(">BBBBB3s8sIIIIIIII")  # 48 bytes
 
 
-def _bhs(
-    op: int,
-    flags: int,
-    b2: int,
-    b3: int,
-    dlen: int,
-    lun_or: bytes,
-    itt: int,
-    w20: int,
-    w24: int,
-    w28: int,
-    w32: int,
-    w36: int,
-    w40: int,
-    w44: int,
-) -> bytes:
-    return _HDR.pack(
-        op,
-        flags,
-        b2,
-        b3,
-        0,
-        dlen.to_bytes(3, "big"),
-        lun_or,
-        itt,
-        w20,
-        w24,
-        w28,
-        w32,
-        w36,
-        w40,
-        w44,
-    )
+def _bhs(op: int, flags: int, b2: int, b3: int, dlen: int, lun_or: bytes, itt: int,
+         w20: int, w24: int, w28: int, w32: int, w36: int, w40: int, w44: int) -> bytes:
+    return _HDR.pack(op, flags, b2, b3, 0, dlen.to_bytes(3, "big"), lun_or, itt,
+                     w20, w24, w28, w32, w36, w40, w44)
 
 
 def _lun(lun: int) -> bytes:
@@ -608,337 +510,98 @@ def encode_pdu(pdu: TargetPdu | InitiatorPdu) -> tuple[bytes, bytes | memoryview
     t = type(pdu)
     if t is DataIn:
         p: DataIn = pdu  # type: ignore[assignment]
-        flags = (
-            (0x80 if p.final else 0)
-            | (0x04 if p.overflow else 0)
-            | (0x02 if p.underflow else 0)
-            | (0x01 if p.status_present else 0)
-        )
-        return _bhs(
-            Op.DATA_IN,
-            flags,
-            0,
-            p.status if p.status_present else 0,
-            len(p.data),
-            _lun(p.lun),
-            p.itt,
-            RESERVED_TAG,
-            p.statsn if p.status_present else 0,
-            p.exp_cmdsn,
-            p.max_cmdsn,
-            p.datasn,
-            p.offset,
-            p.residual,
-        ), p.data
+        flags = ((0x80 if p.final else 0) | (0x04 if p.overflow else 0)
+                 | (0x02 if p.underflow else 0) | (0x01 if p.status_present else 0))
+        return _bhs(Op.DATA_IN, flags, 0, p.status if p.status_present else 0, len(p.data),
+                    _lun(p.lun), p.itt, RESERVED_TAG, p.statsn if p.status_present else 0,
+                    p.exp_cmdsn, p.max_cmdsn, p.datasn, p.offset, p.residual), p.data
     if t is ScsiResponse:
         p2: ScsiResponse = pdu  # type: ignore[assignment]
         flags = 0x80 | (0x04 if p2.overflow else 0) | (0x02 if p2.underflow else 0)
         data = (len(p2.sense).to_bytes(2, "big") + p2.sense) if p2.sense else b""
-        return _bhs(
-            Op.SCSI_RSP,
-            flags,
-            p2.response,
-            p2.status,
-            len(data),
-            bytes(8),
-            p2.itt,
-            0,
-            p2.statsn,
-            p2.exp_cmdsn,
-            p2.max_cmdsn,
-            p2.exp_datasn,
-            0,
-            p2.residual,
-        ), data
+        return _bhs(Op.SCSI_RSP, flags, p2.response, p2.status, len(data), bytes(8), p2.itt,
+                    0, p2.statsn, p2.exp_cmdsn, p2.max_cmdsn, p2.exp_datasn, 0,
+                    p2.residual), data
     if t is R2T:
         p3: R2T = pdu  # type: ignore[assignment]
-        return _bhs(
-            Op.R2T,
-            0x80,
-            0,
-            0,
-            0,
-            _lun(p3.lun),
-            p3.itt,
-            p3.ttt,
-            p3.statsn,
-            p3.exp_cmdsn,
-            p3.max_cmdsn,
-            p3.r2tsn,
-            p3.offset,
-            p3.length,
-        ), b""
+        return _bhs(Op.R2T, 0x80, 0, 0, 0, _lun(p3.lun), p3.itt, p3.ttt, p3.statsn,
+                    p3.exp_cmdsn, p3.max_cmdsn, p3.r2tsn, p3.offset, p3.length), b""
     if t is NopIn:
         p4: NopIn = pdu  # type: ignore[assignment]
-        return _bhs(
-            Op.NOP_IN,
-            0x80,
-            0,
-            0,
-            len(p4.data),
-            _lun(p4.lun),
-            p4.itt,
-            p4.ttt,
-            p4.statsn,
-            p4.exp_cmdsn,
-            p4.max_cmdsn,
-            0,
-            0,
-            0,
-        ), p4.data
+        return _bhs(Op.NOP_IN, 0x80, 0, 0, len(p4.data), _lun(p4.lun), p4.itt, p4.ttt,
+                    p4.statsn, p4.exp_cmdsn, p4.max_cmdsn, 0, 0, 0), p4.data
     if t is LoginResponse:
         p5: LoginResponse = pdu  # type: ignore[assignment]
-        flags = (
-            (0x80 if p5.transit else 0)
-            | (0x40 if p5.cont else 0)
-            | (p5.csg << 2)
-            | (p5.nsg if p5.transit else 0)
-        )
+        flags = ((0x80 if p5.transit else 0) | (0x40 if p5.cont else 0)
+                 | (p5.csg << 2) | (p5.nsg if p5.transit else 0))
         lun_field = bytes(p5.isid[:6]).ljust(6, b"\0") + p5.tsih.to_bytes(2, "big")
         w36 = (p5.status_class << 24) | (p5.status_detail << 16)
-        return _bhs(
-            Op.LOGIN_RSP,
-            flags,
-            0,
-            0,
-            len(p5.data),
-            lun_field,
-            p5.itt,
-            0,
-            p5.statsn,
-            p5.exp_cmdsn,
-            p5.max_cmdsn,
-            w36,
-            0,
-            0,
-        ), p5.data
+        return _bhs(Op.LOGIN_RSP, flags, 0, 0, len(p5.data), lun_field, p5.itt, 0, p5.statsn,
+                    p5.exp_cmdsn, p5.max_cmdsn, w36, 0, 0), p5.data
     if t is TextResponse:
         p6: TextResponse = pdu  # type: ignore[assignment]
         flags = (0x80 if p6.final else 0) | (0x40 if p6.cont else 0)
-        return _bhs(
-            Op.TEXT_RSP,
-            flags,
-            0,
-            0,
-            len(p6.data),
-            bytes(8),
-            p6.itt,
-            p6.ttt,
-            p6.statsn,
-            p6.exp_cmdsn,
-            p6.max_cmdsn,
-            0,
-            0,
-            0,
-        ), p6.data
+        return _bhs(Op.TEXT_RSP, flags, 0, 0, len(p6.data), bytes(8), p6.itt, p6.ttt,
+                    p6.statsn, p6.exp_cmdsn, p6.max_cmdsn, 0, 0, 0), p6.data
     if t is TaskManagementResponse:
         p7: TaskManagementResponse = pdu  # type: ignore[assignment]
-        return _bhs(
-            Op.TMF_RSP,
-            0x80,
-            p7.response,
-            0,
-            0,
-            bytes(8),
-            p7.itt,
-            0,
-            p7.statsn,
-            p7.exp_cmdsn,
-            p7.max_cmdsn,
-            0,
-            0,
-            0,
-        ), b""
+        return _bhs(Op.TMF_RSP, 0x80, p7.response, 0, 0, bytes(8), p7.itt, 0, p7.statsn,
+                    p7.exp_cmdsn, p7.max_cmdsn, 0, 0, 0), b""
     if t is LogoutResponse:
         p8: LogoutResponse = pdu  # type: ignore[assignment]
         w40 = (p8.time2wait << 16) | p8.time2retain
-        return _bhs(
-            Op.LOGOUT_RSP,
-            0x80,
-            p8.response,
-            0,
-            0,
-            bytes(8),
-            p8.itt,
-            0,
-            p8.statsn,
-            p8.exp_cmdsn,
-            p8.max_cmdsn,
-            0,
-            w40,
-            0,
-        ), b""
+        return _bhs(Op.LOGOUT_RSP, 0x80, p8.response, 0, 0, bytes(8), p8.itt, 0, p8.statsn,
+                    p8.exp_cmdsn, p8.max_cmdsn, 0, w40, 0), b""
     if t is Reject:
         p9: Reject = pdu  # type: ignore[assignment]
         data = p9.bhs[:BHS_LEN]
-        return _bhs(
-            Op.REJECT,
-            0x80,
-            p9.reason,
-            0,
-            len(data),
-            bytes(8),
-            RESERVED_TAG,
-            0,
-            p9.statsn,
-            p9.exp_cmdsn,
-            p9.max_cmdsn,
-            0,
-            0,
-            0,
-        ), data
+        return _bhs(Op.REJECT, 0x80, p9.reason, 0, len(data), bytes(8), RESERVED_TAG, 0,
+                    p9.statsn, p9.exp_cmdsn, p9.max_cmdsn, 0, 0, 0), data
     if t is AsyncMessage:
         pa: AsyncMessage = pdu  # type: ignore[assignment]
         w36 = (pa.event << 24) | 0
         w40 = (pa.param1 << 16) | pa.param2
         w44 = pa.param3 << 16
-        return _bhs(
-            Op.ASYNC,
-            0x80,
-            0,
-            0,
-            len(pa.data),
-            _lun(pa.lun),
-            RESERVED_TAG,
-            0,
-            pa.statsn,
-            pa.exp_cmdsn,
-            pa.max_cmdsn,
-            w36,
-            w40,
-            w44,
-        ), pa.data
+        return _bhs(Op.ASYNC, 0x80, 0, 0, len(pa.data), _lun(pa.lun), RESERVED_TAG, 0,
+                    pa.statsn, pa.exp_cmdsn, pa.max_cmdsn, w36, w40, w44), pa.data
     return _encode_initiator(pdu)  # type: ignore[arg-type]
 
 
 def _encode_initiator(pdu: InitiatorPdu) -> tuple[bytes, bytes]:
     """Encoders for initiator PDUs (used by tests and tools that act as initiators)."""
     if isinstance(pdu, ScsiCommand):
-        flags = (
-            (0x80 if pdu.final else 0)
-            | (0x40 if pdu.read else 0)
-            | (0x20 if pdu.write else 0)
-            | pdu.attr
-        )
+        flags = ((0x80 if pdu.final else 0) | (0x40 if pdu.read else 0)
+                 | (0x20 if pdu.write else 0) | pdu.attr)
         cdb = pdu.cdb.ljust(16, b"\0")
-        hdr = _HDR.pack(
-            Op.SCSI_CMD | (0x40 if pdu.immediate else 0),
-            flags,
-            0,
-            0,
-            0,
-            len(pdu.data).to_bytes(3, "big"),
-            _lun(pdu.lun),
-            pdu.itt,
-            pdu.edtl,
-            pdu.cmdsn,
-            pdu.exp_statsn,
-            *struct.unpack(">IIII", cdb),
-        )
+        hdr = _HDR.pack(Op.SCSI_CMD | (0x40 if pdu.immediate else 0), flags, 0, 0, 0,
+                        len(pdu.data).to_bytes(3, "big"), _lun(pdu.lun), pdu.itt, pdu.edtl,
+                        pdu.cmdsn, pdu.exp_statsn, *struct.unpack(">IIII", cdb))
         return hdr, pdu.data
     if isinstance(pdu, DataOut):
-        return _bhs(
-            Op.DATA_OUT,
-            0x80 if pdu.final else 0,
-            0,
-            0,
-            len(pdu.data),
-            _lun(pdu.lun),
-            pdu.itt,
-            pdu.ttt,
-            0,
-            pdu.exp_statsn,
-            0,
-            pdu.datasn,
-            pdu.offset,
-            0,
-        ), pdu.data
+        return _bhs(Op.DATA_OUT, 0x80 if pdu.final else 0, 0, 0, len(pdu.data), _lun(pdu.lun),
+                    pdu.itt, pdu.ttt, 0, pdu.exp_statsn, 0, pdu.datasn, pdu.offset, 0), pdu.data
     if isinstance(pdu, NopOut):
-        return _bhs(
-            Op.NOP_OUT | (0x40 if pdu.immediate else 0),
-            0x80,
-            0,
-            0,
-            len(pdu.data),
-            _lun(pdu.lun),
-            pdu.itt,
-            pdu.ttt,
-            pdu.cmdsn,
-            pdu.exp_statsn,
-            0,
-            0,
-            0,
-            0,
-        ), pdu.data
+        return _bhs(Op.NOP_OUT | (0x40 if pdu.immediate else 0), 0x80, 0, 0, len(pdu.data),
+                    _lun(pdu.lun), pdu.itt, pdu.ttt, pdu.cmdsn, pdu.exp_statsn, 0, 0, 0,
+                    0), pdu.data
     if isinstance(pdu, LoginRequest):
-        flags = (0x80 if pdu.transit else 0) | (0x40 if pdu.cont else 0) | (pdu.csg << 2) | pdu.nsg
+        flags = ((0x80 if pdu.transit else 0) | (0x40 if pdu.cont else 0) | (pdu.csg << 2)
+                 | pdu.nsg)
         lun_field = pdu.isid[:6].ljust(6, b"\0") + pdu.tsih.to_bytes(2, "big")
-        return _bhs(
-            Op.LOGIN_REQ | 0x40,
-            flags,
-            pdu.version_max,
-            pdu.version_min,
-            len(pdu.data),
-            lun_field,
-            pdu.itt,
-            pdu.cid << 16,
-            pdu.cmdsn,
-            pdu.exp_statsn,
-            0,
-            0,
-            0,
-            0,
-        ), pdu.data
+        return _bhs(Op.LOGIN_REQ | 0x40, flags, pdu.version_max, pdu.version_min,
+                    len(pdu.data), lun_field, pdu.itt, pdu.cid << 16, pdu.cmdsn,
+                    pdu.exp_statsn, 0, 0, 0, 0), pdu.data
     if isinstance(pdu, TextRequest):
         flags = (0x80 if pdu.final else 0) | (0x40 if pdu.cont else 0)
-        return _bhs(
-            Op.TEXT_REQ | (0x40 if pdu.immediate else 0),
-            flags,
-            0,
-            0,
-            len(pdu.data),
-            _lun(pdu.lun),
-            pdu.itt,
-            pdu.ttt,
-            pdu.cmdsn,
-            pdu.exp_statsn,
-            0,
-            0,
-            0,
-            0,
-        ), pdu.data
+        return _bhs(Op.TEXT_REQ | (0x40 if pdu.immediate else 0), flags, 0, 0, len(pdu.data),
+                    _lun(pdu.lun), pdu.itt, pdu.ttt, pdu.cmdsn, pdu.exp_statsn, 0, 0, 0,
+                    0), pdu.data
     if isinstance(pdu, TaskManagementRequest):
-        return _bhs(
-            Op.TMF_REQ | (0x40 if pdu.immediate else 0),
-            0x80 | pdu.function,
-            0,
-            0,
-            0,
-            _lun(pdu.lun),
-            pdu.itt,
-            pdu.ref_itt,
-            pdu.cmdsn,
-            pdu.exp_statsn,
-            pdu.ref_cmdsn,
-            0,
-            0,
-            0,
-        ), b""
+        return _bhs(Op.TMF_REQ | (0x40 if pdu.immediate else 0), 0x80 | pdu.function, 0, 0, 0,
+                    _lun(pdu.lun), pdu.itt, pdu.ref_itt, pdu.cmdsn, pdu.exp_statsn,
+                    pdu.ref_cmdsn, 0, 0, 0), b""
     if isinstance(pdu, LogoutRequest):
-        return _bhs(
-            Op.LOGOUT_REQ | (0x40 if pdu.immediate else 0),
-            0x80 | pdu.reason,
-            0,
-            0,
-            0,
-            bytes(8),
-            pdu.itt,
-            pdu.cid << 16,
-            pdu.cmdsn,
-            pdu.exp_statsn,
-            0,
-            0,
-            0,
-            0,
-        ), b""
+        return _bhs(Op.LOGOUT_REQ | (0x40 if pdu.immediate else 0), 0x80 | pdu.reason, 0, 0, 0,
+                    bytes(8), pdu.itt, pdu.cid << 16, pdu.cmdsn, pdu.exp_statsn, 0, 0, 0,
+                    0), b""
     raise TypeError(f"cannot encode {type(pdu).__name__}")

@@ -48,40 +48,18 @@ class _NexusState:
 
 # opcode -> (cdb length, service action or None, name)
 _OPCODES: dict[int, tuple[int, str]] = {
-    0x00: (6, "TEST UNIT READY"),
-    0x03: (6, "REQUEST SENSE"),
-    0x08: (6, "READ(6)"),
-    0x0A: (6, "WRITE(6)"),
-    0x12: (6, "INQUIRY"),
-    0x15: (6, "MODE SELECT(6)"),
-    0x16: (6, "RESERVE(6)"),
-    0x17: (6, "RELEASE(6)"),
-    0x1A: (6, "MODE SENSE(6)"),
-    0x1B: (6, "START STOP UNIT"),
-    0x25: (10, "READ CAPACITY(10)"),
-    0x28: (10, "READ(10)"),
-    0x2A: (10, "WRITE(10)"),
-    0x2E: (10, "WRITE AND VERIFY(10)"),
-    0x2F: (10, "VERIFY(10)"),
-    0x34: (10, "PRE-FETCH(10)"),
-    0x35: (10, "SYNCHRONIZE CACHE(10)"),
-    0x41: (10, "WRITE SAME(10)"),
-    0x42: (10, "UNMAP"),
-    0x5A: (10, "MODE SENSE(10)"),
-    0x88: (16, "READ(16)"),
-    0x89: (16, "COMPARE AND WRITE"),
-    0x8A: (16, "WRITE(16)"),
-    0x8B: (16, "ORWRITE(16)"),
-    0x8E: (16, "WRITE AND VERIFY(16)"),
-    0x8F: (16, "VERIFY(16)"),
-    0x90: (16, "PRE-FETCH(16)"),
-    0x91: (16, "SYNCHRONIZE CACHE(16)"),
-    0x93: (16, "WRITE SAME(16)"),
-    0xA0: (12, "REPORT LUNS"),
-    0xA8: (12, "READ(12)"),
-    0xAA: (12, "WRITE(12)"),
-    0xAE: (12, "WRITE AND VERIFY(12)"),
-    0xAF: (12, "VERIFY(12)"),
+    0x00: (6, "TEST UNIT READY"), 0x03: (6, "REQUEST SENSE"), 0x08: (6, "READ(6)"),
+    0x0A: (6, "WRITE(6)"), 0x12: (6, "INQUIRY"), 0x15: (6, "MODE SELECT(6)"),
+    0x16: (6, "RESERVE(6)"), 0x17: (6, "RELEASE(6)"), 0x1A: (6, "MODE SENSE(6)"),
+    0x1B: (6, "START STOP UNIT"), 0x25: (10, "READ CAPACITY(10)"), 0x28: (10, "READ(10)"),
+    0x2A: (10, "WRITE(10)"), 0x2E: (10, "WRITE AND VERIFY(10)"), 0x2F: (10, "VERIFY(10)"),
+    0x34: (10, "PRE-FETCH(10)"), 0x35: (10, "SYNCHRONIZE CACHE(10)"),
+    0x41: (10, "WRITE SAME(10)"), 0x42: (10, "UNMAP"), 0x5A: (10, "MODE SENSE(10)"),
+    0x88: (16, "READ(16)"), 0x89: (16, "COMPARE AND WRITE"), 0x8A: (16, "WRITE(16)"),
+    0x8B: (16, "ORWRITE(16)"), 0x8E: (16, "WRITE AND VERIFY(16)"), 0x8F: (16, "VERIFY(16)"),
+    0x90: (16, "PRE-FETCH(16)"), 0x91: (16, "SYNCHRONIZE CACHE(16)"),
+    0x93: (16, "WRITE SAME(16)"), 0xA0: (12, "REPORT LUNS"), 0xA8: (12, "READ(12)"),
+    0xAA: (12, "WRITE(12)"), 0xAE: (12, "WRITE AND VERIFY(12)"), 0xAF: (12, "VERIFY(12)"),
 }
 # (opcode, service action) for commands that have one.
 _SERVICE_ACTIONS: dict[tuple[int, int], tuple[int, str]] = {
@@ -181,9 +159,8 @@ class LogicalUnit:
             return 0
         return 0
 
-    async def execute(
-        self, nexus: str, cdb: bytes, data: bytes = b"", edtl: int | None = None
-    ) -> ScsiResult:
+    async def execute(self, nexus: str, cdb: bytes, data: bytes = b"",
+                      edtl: int | None = None) -> ScsiResult:
         """Run one command for `nexus`; never raises for SCSI-level errors.
 
         `data` is the data-out received; `edtl` the transport's expected transfer
@@ -197,11 +174,8 @@ class LogicalUnit:
                 ua = self._pending_ua(nexus)
                 if ua is not None:
                     raise ScsiError(S.UNIT_ATTENTION, ua)
-            if (
-                self.reservation is not None
-                and self.reservation != nexus
-                and op not in _RESERVATION_EXEMPT
-            ):
+            if (self.reservation is not None and self.reservation != nexus
+                    and op not in _RESERVATION_EXEMPT):
                 return ScsiResult(S.RESERVATION_CONFLICT)
             handler = _HANDLERS.get(op)
             if handler is None:
@@ -210,13 +184,11 @@ class LogicalUnit:
         except ScsiError as exc:
             return ScsiResult(exc.status, b"", exc.sense)
         except CorruptDataError:
-            return ScsiResult(
-                S.CHECK_CONDITION, b"", S.Sense(S.MEDIUM_ERROR, *S.UNRECOVERED_READ_ERROR)
-            )
+            return ScsiResult(S.CHECK_CONDITION, b"",
+                              S.Sense(S.MEDIUM_ERROR, *S.UNRECOVERED_READ_ERROR))
         except RemoteError:
-            return ScsiResult(
-                S.CHECK_CONDITION, b"", S.Sense(S.NOT_READY, *S.LU_COMMUNICATION_FAILURE)
-            )
+            return ScsiResult(S.CHECK_CONDITION, b"",
+                              S.Sense(S.NOT_READY, *S.LU_COMMUNICATION_FAILURE))
         except PermissionError:
             return ScsiResult(S.CHECK_CONDITION, b"", S.Sense(S.DATA_PROTECT, *S.WRITE_PROTECTED))
         except OSError:
@@ -354,7 +326,7 @@ class LogicalUnit:
             return ScsiResult()
         if len(data) < 2 * n * BLOCK:
             raise illegal()
-        verify, new = bytes(data[: n * BLOCK]), bytes(data[n * BLOCK : 2 * n * BLOCK])
+        verify, new = bytes(data[: n * BLOCK]), bytes(data[n * BLOCK: 2 * n * BLOCK])
         self._compare(await self._read(lba, n), verify)
         await self._write(lba, new, bool(cdb[1] & 0x08))
         return ScsiResult()
@@ -372,8 +344,7 @@ class LogicalUnit:
         given = bytes(data[: n * BLOCK]).ljust(n * BLOCK, b"\0")
         old = await self._read(lba, n)
         merged = (int.from_bytes(old, "big") | int.from_bytes(given, "big")).to_bytes(
-            n * BLOCK, "big"
-        )
+            n * BLOCK, "big")
         await self._write(lba, merged, bool(cdb[1] & 0x08))
         return ScsiResult()
 
@@ -560,7 +531,7 @@ class LogicalUnit:
             out[16:32] = PRODUCT.ljust(16)
             out[32:36] = REVISION
             for i, v in enumerate((0x00A0, 0x0460, 0x04C0, 0x0960)):  # SAM-5 SPC-4 SBC-3 iSCSI
-                out[58 + 2 * i : 60 + 2 * i] = v.to_bytes(2, "big")
+                out[58 + 2 * i: 60 + 2 * i] = v.to_bytes(2, "big")
             return ScsiResult(data=_truncate(out, alloc))
         pages = self._vpd_pages()
         if page not in pages:
@@ -568,13 +539,8 @@ class LogicalUnit:
         return ScsiResult(data=_truncate(pages[page](), alloc))
 
     def _vpd_pages(self):
-        pages = {
-            0x00: self._vpd_supported,
-            0x80: self._vpd_serial,
-            0x83: self._vpd_ids,
-            0xB0: self._vpd_block_limits,
-            0xB1: self._vpd_characteristics,
-        }
+        pages = {0x00: self._vpd_supported, 0x80: self._vpd_serial, 0x83: self._vpd_ids,
+                 0xB0: self._vpd_block_limits, 0xB1: self._vpd_characteristics}
         if self.thin:
             pages[0xB2] = self._vpd_provisioning
         return pages
@@ -675,12 +641,8 @@ class LogicalUnit:
         return ScsiResult(data=_truncate(out, _be(cdb, 7, 9)))
 
     def _short_block_descriptor(self) -> bytes:
-        return (
-            bytes([0])
-            + min(self.blocks, 0xFFFFFF).to_bytes(3, "big")
-            + bytes([0])
-            + BLOCK.to_bytes(3, "big")
-        )
+        return bytes([0]) + min(self.blocks, 0xFFFFFF).to_bytes(3, "big") + bytes(
+            [0]) + BLOCK.to_bytes(3, "big")
 
     async def _mode_select6(self, nexus, cdb, data) -> ScsiResult:
         if cdb[1] & 0x01:  # SP
@@ -694,7 +656,7 @@ class LogicalUnit:
         pos = 4 + data[3]
         while pos + 2 <= len(data):
             page, length = data[pos] & 0x3F, data[pos + 1]
-            body = data[pos + 2 : pos + 2 + length]
+            body = data[pos + 2: pos + 2 + length]
             if len(body) < length:
                 raise ScsiError(S.ILLEGAL_REQUEST, S.PARAMETER_LIST_LENGTH_ERROR)
             if page == 0x0A and length == 0x0A:
@@ -752,34 +714,14 @@ class LogicalUnit:
 def _bind() -> dict:
     lu = LogicalUnit
     table = {
-        0x00: lu._tur,
-        0x03: lu._request_sense,
-        0x12: lu._inquiry,
-        0x15: lu._mode_select6,
-        0x16: lu._reserve,
-        0x17: lu._release,
-        0x1A: lu._mode_sense6,
-        0x1B: lu._start_stop,
-        0x25: lu._read_capacity10,
-        0x2E: lu._write_verify,
-        0x2F: lu._verify,
-        0x34: lu._prefetch,
-        0x35: lu._sync_cache,
-        0x41: lu._write_same,
-        0x42: lu._unmap,
-        0x5A: lu._mode_sense10,
-        0x89: lu._compare_and_write,
-        0x8B: lu._orwrite,
-        0x8E: lu._write_verify,
-        0x8F: lu._verify,
-        0x90: lu._prefetch,
-        0x91: lu._sync_cache,
-        0x93: lu._write_same,
-        0x9E: lu._service_action_in,
-        0xA0: lu._report_luns,
-        0xA3: lu._maintenance_in,
-        0xAE: lu._write_verify,
-        0xAF: lu._verify,
+        0x00: lu._tur, 0x03: lu._request_sense, 0x12: lu._inquiry, 0x15: lu._mode_select6,
+        0x16: lu._reserve, 0x17: lu._release, 0x1A: lu._mode_sense6, 0x1B: lu._start_stop,
+        0x25: lu._read_capacity10, 0x2E: lu._write_verify, 0x2F: lu._verify,
+        0x34: lu._prefetch, 0x35: lu._sync_cache, 0x41: lu._write_same, 0x42: lu._unmap,
+        0x5A: lu._mode_sense10, 0x89: lu._compare_and_write, 0x8B: lu._orwrite,
+        0x8E: lu._write_verify, 0x8F: lu._verify, 0x90: lu._prefetch, 0x91: lu._sync_cache,
+        0x93: lu._write_same, 0x9E: lu._service_action_in, 0xA0: lu._report_luns,
+        0xA3: lu._maintenance_in, 0xAE: lu._write_verify, 0xAF: lu._verify,
     }
     for op in (0x08, 0x28, 0xA8, 0x88):
         table[op] = lu._read_cmd

@@ -72,14 +72,8 @@ class Sense:
 class ScsiError(Exception):
     """A command failed with CHECK CONDITION and this sense (or another status)."""
 
-    def __init__(
-        self,
-        key: int,
-        code: tuple[int, int],
-        *,
-        information: int | None = None,
-        status: int = CHECK_CONDITION,
-    ) -> None:
+    def __init__(self, key: int, code: tuple[int, int], *, information: int | None = None,
+                 status: int = CHECK_CONDITION) -> None:
         super().__init__(f"sense {key:x}/{code[0]:02x}/{code[1]:02x}")
         self.sense = Sense(key, code[0], code[1], information)
         self.status = status

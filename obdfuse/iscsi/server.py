@@ -76,7 +76,8 @@ class IscsiServer:
         self._login_slots = trio.Semaphore(self.limits.max_logging_in)
         self.connections_served = 0
 
-    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, host: str, port: int, *,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve forever; `task_status.started` gets the bound port."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
@@ -162,9 +163,8 @@ class IscsiServer:
                     if task.aborted:
                         continue
                     lu = self.config.luns[task.lun]
-                    result = await lu.execute(
-                        conn.nexus, task.cdb, bytes(task.buf), task.edtl if task.write else None
-                    )
+                    result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
+                                              task.edtl if task.write else None)
                     conn.complete(task, result)
                     await flush()
 
@@ -188,15 +188,10 @@ class IscsiServer:
                 nursery.cancel_scope.cancel()
 
 
-async def serve_iscsi(
-    device: BlockDevice,
-    listen: str = f"127.0.0.1:{DEFAULT_PORT}",
-    iqn: str = DEFAULT_IQN,
-    chap: ChapCredentials | None = None,
-    task_status=trio.TASK_STATUS_IGNORED,
-    *,
-    limits: Limits | None = None,
-) -> None:
+async def serve_iscsi(device: BlockDevice, listen: str = f"127.0.0.1:{DEFAULT_PORT}",
+                      iqn: str = DEFAULT_IQN, chap: ChapCredentials | None = None,
+                      task_status=trio.TASK_STATUS_IGNORED, *,
+                      limits: Limits | None = None) -> None:
     """Serve `device` as LUN 0 of target `iqn` until cancelled.
 
     Use inside a trio nursery: `port = await nursery.start(serve_iscsi, dev, ...)`.

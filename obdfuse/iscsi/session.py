@@ -78,20 +78,14 @@ class Task:
 class Connection:
     """The target side of one TCP connection; one session (MaxConnections=1)."""
 
-    def __init__(
-        self,
-        config: TargetConfig,
-        *,
-        portal: str = "127.0.0.1:3260",
-        max_data: int = P.TARGET_MRDSL,
-    ) -> None:
+    def __init__(self, config: TargetConfig, *, portal: str = "127.0.0.1:3260",
+                 max_data: int = P.TARGET_MRDSL) -> None:
         self.config = config
         self.portal = portal
         self.reader = W.FrameReader(max_data=8192 + 1024)
         self._max_data = max_data
-        self.login = LoginStage(
-            target_name=config.iqn, portal_group=config.portal_group, chap=config.chap
-        )
+        self.login = LoginStage(target_name=config.iqn, portal_group=config.portal_group,
+                                chap=config.chap)
         self.params = self.login.params
         self.full_feature = False
         self.closing = False
@@ -164,9 +158,8 @@ class Connection:
             return
         if task.write:
             over, under = task.wanted > task.edtl, task.wanted < task.edtl
-            self._respond(
-                task, status, over=over, under=under, residual=abs(task.wanted - task.edtl)
-            )
+            self._respond(task, status, over=over, under=under,
+                          residual=abs(task.wanted - task.edtl))
             return
         if task.read and task.edtl:
             self._respond(task, status, under=True, residual=task.edtl)
@@ -184,9 +177,8 @@ class Connection:
 
     def _emit(self, pdu: W.TargetPdu) -> None:
         bhs, data = W.encode_pdu(pdu)
-        self._out += W.frame_bytes(
-            bhs, data, header_digest=self._send_header_digest, data_digest=self._send_data_digest
-        )
+        self._out += W.frame_bytes(bhs, data, header_digest=self._send_header_digest,
+                                   data_digest=self._send_data_digest)
 
     def _next_statsn(self) -> int:
         sn = self.statsn
@@ -194,45 +186,18 @@ class Connection:
         return sn
 
     def _reject(self, reason: int, bhs: bytes) -> None:
-        self._emit(
-            W.Reject(
-                reason=reason,
-                statsn=self._next_statsn(),
-                exp_cmdsn=self.exp_cmdsn,
-                max_cmdsn=self.max_cmdsn,
-                bhs=bhs.ljust(W.BHS_LEN, b"\0"),
-            )
-        )
+        self._emit(W.Reject(reason=reason, statsn=self._next_statsn(), exp_cmdsn=self.exp_cmdsn,
+                            max_cmdsn=self.max_cmdsn, bhs=bhs.ljust(W.BHS_LEN, b"\0")))
 
-    def _respond(
-        self,
-        task: Task,
-        status: int,
-        *,
-        sense: bytes = b"",
-        over: bool = False,
-        under: bool = False,
-        residual: int = 0,
-        exp_datasn: int = 0,
-    ) -> None:
-        self._emit(
-            W.ScsiResponse(
-                itt=task.itt,
-                status=status,
-                statsn=self._next_statsn(),
-                exp_cmdsn=self.exp_cmdsn,
-                max_cmdsn=self.max_cmdsn,
-                overflow=over,
-                underflow=under,
-                residual=residual if (over or under) else 0,
-                exp_datasn=exp_datasn,
-                sense=sense,
-            )
-        )
+    def _respond(self, task: Task, status: int, *, sense: bytes = b"", over: bool = False,
+                 under: bool = False, residual: int = 0, exp_datasn: int = 0) -> None:
+        self._emit(W.ScsiResponse(
+            itt=task.itt, status=status, statsn=self._next_statsn(), exp_cmdsn=self.exp_cmdsn,
+            max_cmdsn=self.max_cmdsn, overflow=over, underflow=under,
+            residual=residual if (over or under) else 0, exp_datasn=exp_datasn, sense=sense))
 
-    def _data_in(
-        self, task: Task, data: memoryview, status: int, over: bool, under: bool, residual: int
-    ) -> None:
+    def _data_in(self, task: Task, data: memoryview, status: int, over: bool, under: bool,
+                 residual: int) -> None:
         seg = max(512, self.params.initiator_mrdsl)
         burst = max(seg, self.params.max_burst)
         total = len(data)
@@ -241,24 +206,13 @@ class Connection:
         while off < total:
             n = min(seg, total - off, burst - off % burst)
             last = off + n >= total
-            self._emit(
-                W.DataIn(
-                    itt=task.itt,
-                    lun=task.lun,
-                    datasn=datasn,
-                    offset=off,
-                    exp_cmdsn=self.exp_cmdsn,
-                    max_cmdsn=self.max_cmdsn,
-                    final=last or (off + n) % burst == 0,
-                    status_present=last,
-                    status=status if last else 0,
-                    statsn=self._next_statsn() if last else 0,
-                    overflow=over and last,
-                    underflow=under and last,
-                    residual=residual if last and (over or under) else 0,
-                    data=data[off : off + n],
-                )
-            )
+            self._emit(W.DataIn(
+                itt=task.itt, lun=task.lun, datasn=datasn, offset=off,
+                exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
+                final=last or (off + n) % burst == 0, status_present=last,
+                status=status if last else 0, statsn=self._next_statsn() if last else 0,
+                overflow=over and last, underflow=under and last,
+                residual=residual if last and (over or under) else 0, data=data[off:off + n]))
             datasn += 1
             off += n
 
@@ -270,7 +224,8 @@ class Connection:
             if isinstance(pdu, W.LoginRequest):
                 self._login(pdu)
                 return []
-            raise W.ProtocolError("only Login is allowed before full-feature phase", bhs=frame.bhs)
+            raise W.ProtocolError("only Login is allowed before full-feature phase",
+                                  bhs=frame.bhs)
         if isinstance(pdu, W.ScsiCommand):
             return self._scsi_command(pdu, frame.bhs)
         if isinstance(pdu, W.DataOut):
@@ -311,60 +266,29 @@ class Connection:
             self.statsn = req.exp_statsn
             self.exp_cmdsn = req.cmdsn
         try:
-            rsp = self.login.handle(
-                req, statsn=self._next_statsn(), exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn
-            )
+            rsp = self.login.handle(req, statsn=self._next_statsn(), exp_cmdsn=self.exp_cmdsn,
+                                    max_cmdsn=self.max_cmdsn)
         except LoginFailed as exc:
-            self._emit(
-                W.LoginResponse(
-                    itt=req.itt,
-                    transit=False,
-                    csg=req.csg,
-                    nsg=0,
-                    isid=req.isid,
-                    tsih=0,
-                    statsn=self.statsn,
-                    exp_cmdsn=self.exp_cmdsn,
-                    max_cmdsn=self.max_cmdsn,
-                    status_class=exc.status[0],
-                    status_detail=exc.status[1],
-                )
-            )
+            self._emit(W.LoginResponse(
+                itt=req.itt, transit=False, csg=req.csg, nsg=0, isid=req.isid, tsih=0,
+                statsn=self.statsn, exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
+                status_class=exc.status[0], status_detail=exc.status[1]))
             self.closing = True
             return
         if self.login.done:
             if req.tsih:
-                self._emit(
-                    W.LoginResponse(
-                        itt=req.itt,
-                        transit=False,
-                        csg=req.csg,
-                        nsg=0,
-                        isid=req.isid,
-                        tsih=0,
-                        statsn=rsp.statsn,
-                        exp_cmdsn=self.exp_cmdsn,
-                        max_cmdsn=self.max_cmdsn,
-                        status_class=2,
-                        status_detail=10,
-                    )
-                )  # session does not exist
+                self._emit(W.LoginResponse(
+                    itt=req.itt, transit=False, csg=req.csg, nsg=0, isid=req.isid, tsih=0,
+                    statsn=rsp.statsn, exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
+                    status_class=2, status_detail=10))  # session does not exist
                 self.closing = True
                 return
             tsih = _allocate_tsih()
             self.login.tsih = tsih
             rsp = W.LoginResponse(
-                itt=rsp.itt,
-                transit=rsp.transit,
-                csg=rsp.csg,
-                nsg=rsp.nsg,
-                isid=rsp.isid,
-                tsih=tsih,
-                statsn=rsp.statsn,
-                exp_cmdsn=rsp.exp_cmdsn,
-                max_cmdsn=rsp.max_cmdsn,
-                data=rsp.data,
-            )
+                itt=rsp.itt, transit=rsp.transit, csg=rsp.csg, nsg=rsp.nsg, isid=rsp.isid,
+                tsih=tsih, statsn=rsp.statsn, exp_cmdsn=rsp.exp_cmdsn, max_cmdsn=rsp.max_cmdsn,
+                data=rsp.data)
             self._emit(rsp)
             self._enter_full_feature()
             return
@@ -394,15 +318,8 @@ class Connection:
             self._reject(W.RejectReason.TASK_IN_PROGRESS, bhs)
             return []
         lun = _lun_number(cmd.lun)
-        task = Task(
-            itt=cmd.itt,
-            lun=lun,
-            cdb=cmd.cdb,
-            edtl=cmd.edtl,
-            read=cmd.read,
-            write=cmd.write,
-            cmdsn=cmd.cmdsn,
-        )
+        task = Task(itt=cmd.itt, lun=lun, cdb=cmd.cdb, edtl=cmd.edtl, read=cmd.read,
+                    write=cmd.write, cmdsn=cmd.cmdsn)
         lu = self.config.luns.get(lun)
         if lu is None:
             return self._no_such_lun(task, cmd)
@@ -415,16 +332,14 @@ class Connection:
         task.wanted = lu.data_out_length(cmd.cdb)
         task.needed = min(task.wanted, cmd.edtl)
         if len(cmd.data) > min(cmd.edtl, self.params.first_burst) or (
-            cmd.data and not self.params.immediate_data
-        ):
+                cmd.data and not self.params.immediate_data):
             self._reject(W.RejectReason.PROTOCOL_ERROR, bhs)
             return []
         self._tasks[task.itt] = task
         self._accept_data(task, cmd.data)
         unsolicited_total = min(self.params.first_burst, cmd.edtl)
-        task.unsolicited_done = (
-            cmd.final or self.params.initial_r2t or task.received >= unsolicited_total
-        )
+        task.unsolicited_done = (cmd.final or self.params.initial_r2t
+                                 or task.received >= unsolicited_total)
         return self._advance_write(task)
 
     def _no_such_lun(self, task: Task, cmd: W.ScsiCommand) -> list[Task]:
@@ -468,19 +383,9 @@ class Connection:
         task.r2t_length = min(self.params.max_burst, task.needed - task.received)
         task.next_datasn = 0
         self._r2t_ttt_to_itt[ttt] = task.itt
-        self._emit(
-            W.R2T(
-                itt=task.itt,
-                ttt=ttt,
-                lun=task.lun,
-                statsn=self.statsn,
-                exp_cmdsn=self.exp_cmdsn,
-                max_cmdsn=self.max_cmdsn,
-                r2tsn=task.r2tsn,
-                offset=task.r2t_offset,
-                length=task.r2t_length,
-            )
-        )
+        self._emit(W.R2T(itt=task.itt, ttt=ttt, lun=task.lun, statsn=self.statsn,
+                         exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn, r2tsn=task.r2tsn,
+                         offset=task.r2t_offset, length=task.r2t_length))
         task.r2tsn += 1
 
     def _release_solicitor(self) -> list[Task]:
@@ -552,17 +457,9 @@ class Connection:
             return
         if nop.itt == W.RESERVED_TAG:
             return  # an answer to our ping, or a no-reply ping
-        self._emit(
-            W.NopIn(
-                itt=nop.itt,
-                ttt=W.RESERVED_TAG,
-                lun=nop.lun,
-                statsn=self._next_statsn(),
-                exp_cmdsn=self.exp_cmdsn,
-                max_cmdsn=self.max_cmdsn,
-                data=nop.data,
-            )
-        )
+        self._emit(W.NopIn(itt=nop.itt, ttt=W.RESERVED_TAG, lun=nop.lun,
+                           statsn=self._next_statsn(), exp_cmdsn=self.exp_cmdsn,
+                           max_cmdsn=self.max_cmdsn, data=nop.data))
 
     def _text(self, req: W.TextRequest) -> None:
         if not self._accept_cmdsn(req.cmdsn, req.immediate):
@@ -574,17 +471,9 @@ class Connection:
             raise W.ProtocolError("text request too long")
         self._text_in += req.data
         if req.cont:
-            self._emit(
-                W.TextResponse(
-                    itt=req.itt,
-                    ttt=next(self._ttts) & 0x7FFFFFFF,
-                    final=False,
-                    cont=False,
-                    statsn=self._next_statsn(),
-                    exp_cmdsn=self.exp_cmdsn,
-                    max_cmdsn=self.max_cmdsn,
-                )
-            )
+            self._emit(W.TextResponse(itt=req.itt, ttt=next(self._ttts) & 0x7FFFFFFF,
+                                      final=False, cont=False, statsn=self._next_statsn(),
+                                      exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn))
             return
         pairs = P.parse_text(bytes(self._text_in))
         self._text_in = bytearray()
@@ -592,12 +481,9 @@ class Connection:
         for key, value in pairs:
             if key == "SendTargets":
                 if value in ("All", self.config.iqn) or (
-                    value == "" and self.params.session_type == "Normal"
-                ):
-                    answers += [
-                        ("TargetName", self.config.iqn),
-                        ("TargetAddress", f"{self.portal},{self.config.portal_group}"),
-                    ]
+                        value == "" and self.params.session_type == "Normal"):
+                    answers += [("TargetName", self.config.iqn),
+                                ("TargetAddress", f"{self.portal},{self.config.portal_group}")]
             else:
                 answers.append((key, "NotUnderstood"))
         self._text_pending = P.encode_text(answers)
@@ -608,18 +494,10 @@ class Connection:
         chunk, self._text_pending = self._text_pending[:limit], self._text_pending[limit:]
         more = bool(self._text_pending)
         self._text_ttt = (next(self._ttts) & 0x7FFFFFFF) if more else 0
-        self._emit(
-            W.TextResponse(
-                itt=itt,
-                ttt=self._text_ttt if more else W.RESERVED_TAG,
-                final=not more,
-                cont=more,
-                statsn=self._next_statsn(),
-                exp_cmdsn=self.exp_cmdsn,
-                max_cmdsn=self.max_cmdsn,
-                data=chunk,
-            )
-        )
+        self._emit(W.TextResponse(itt=itt, ttt=self._text_ttt if more else W.RESERVED_TAG,
+                                  final=not more, cont=more, statsn=self._next_statsn(),
+                                  exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
+                                  data=chunk))
 
     def _tmf(self, req: W.TaskManagementRequest) -> list[Task]:
         if not self._accept_cmdsn(req.cmdsn, req.immediate):
@@ -628,8 +506,7 @@ class Connection:
         fn = req.function
         response = TMF_COMPLETE
         if fn in (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_LUN_RESET) and (
-            lun not in self.config.luns
-        ):
+                lun not in self.config.luns):
             response = TMF_NO_LUN
         elif fn == TMF_ABORT_TASK:
             task = self._tasks.get(req.ref_itt)
@@ -658,15 +535,9 @@ class Connection:
                 self.closing = True
         else:
             response = TMF_NOT_SUPPORTED
-        self._emit(
-            W.TaskManagementResponse(
-                itt=req.itt,
-                response=response,
-                statsn=self._next_statsn(),
-                exp_cmdsn=self.exp_cmdsn,
-                max_cmdsn=self.max_cmdsn,
-            )
-        )
+        self._emit(W.TaskManagementResponse(itt=req.itt, response=response,
+                                            statsn=self._next_statsn(), exp_cmdsn=self.exp_cmdsn,
+                                            max_cmdsn=self.max_cmdsn))
         return []
 
     def _abort(self, task: Task) -> None:
@@ -680,17 +551,10 @@ class Connection:
     def _logout(self, req: W.LogoutRequest) -> None:
         self._accept_cmdsn(req.cmdsn, req.immediate)
         response = 2 if req.reason == 2 else 0  # connection recovery needs ERL 2
-        self._emit(
-            W.LogoutResponse(
-                itt=req.itt,
-                response=response,
-                statsn=self._next_statsn(),
-                exp_cmdsn=self.exp_cmdsn,
-                max_cmdsn=self.max_cmdsn,
-                time2wait=self.params.default_time2wait,
-                time2retain=self.params.default_time2retain,
-            )
-        )
+        self._emit(W.LogoutResponse(itt=req.itt, response=response, statsn=self._next_statsn(),
+                                    exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
+                                    time2wait=self.params.default_time2wait,
+                                    time2retain=self.params.default_time2retain))
         self.closing = True
 
 

@@ -46,11 +46,8 @@ class FetchStats:
     errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "requests": self.requests,
-            "bytes_fetched": self.bytes_fetched,
-            "errors": self.errors,
-        }
+        return {"requests": self.requests, "bytes_fetched": self.bytes_fetched,
+                "errors": self.errors}
 
 
 @dataclass
@@ -82,9 +79,8 @@ class RegistryBlob:
         guard = trio.fail_after(deadline + 5) if deadline is not None else contextlib.nullcontext()
         try:
             with guard:
-                result = await run_in_asyncio(
-                    self.client.fetch_range, self.repository, self.digest, offset, n, deadline
-                )
+                result = await run_in_asyncio(self.client.fetch_range, self.repository,
+                                              self.digest, offset, n, deadline)
         except trio.TooSlowError:
             self.stats.errors += 1
             raise ObdfuseError(f"{self.name}: read at {offset} timed out") from None

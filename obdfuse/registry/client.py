@@ -80,9 +80,8 @@ class RegistryClient:
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def for_reference(
-        cls, ref: ImageReference, credentials: Credentials | None = None, **kw: Any
-    ) -> RegistryClient:
+    def for_reference(cls, ref: ImageReference, credentials: Credentials | None = None,
+                      **kw: Any) -> RegistryClient:
         return cls(ref.base_url, credentials, **kw)
 
     def _http(self) -> aiohttp.ClientSession:
@@ -102,10 +101,7 @@ class RegistryClient:
     # ---------------------------------------------------------------- plumbing
 
     async def _with_retries(
-        self,
-        what: str,
-        attempt: Callable[[float], Awaitable[T]],
-        deadline: float | None,
+        self, what: str, attempt: Callable[[float], Awaitable[T]], deadline: float | None,
         attempt_timeout: float | None = None,
     ) -> T:
         """Run `attempt(timeout)` until it succeeds, retrying transient errors with
@@ -121,12 +117,8 @@ class RegistryClient:
             try:
                 async with asyncio.timeout(timeout):
                     return await attempt(timeout)
-            except (
-                TransientError,
-                aiohttp.ClientConnectionError,
-                aiohttp.ClientPayloadError,
-                TimeoutError,
-            ) as exc:
+            except (TransientError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+                    TimeoutError) as exc:
                 reason = _describe(exc)
             if deadline is not None and time.monotonic() + delay > start + deadline:
                 raise RemoteError(f"{what}: {reason} (gave up after {deadline:g} s)")
@@ -135,14 +127,8 @@ class RegistryClient:
             delay = min(delay * 2, 2.0)
 
     async def _send(
-        self,
-        method: str,
-        url: str | URL,
-        scope: str,
-        *,
-        headers: dict[str, str] | None = None,
-        data: bytes | None = None,
-        allow_redirects: bool = True,
+        self, method: str, url: str | URL, scope: str, *, headers: dict[str, str] | None = None,
+        data: bytes | None = None, allow_redirects: bool = True,
     ) -> aiohttp.ClientResponse:
         """One request with auth: answer a 401 challenge (basic or bearer) and resend."""
         tried_fresh_token = False
@@ -151,9 +137,8 @@ class RegistryClient:
             auth = self.auth.header_for(scope)
             if auth:
                 hdrs["Authorization"] = auth
-            resp = await self._http().request(
-                method, url, headers=hdrs, data=data, allow_redirects=allow_redirects
-            )
+            resp = await self._http().request(method, url, headers=hdrs, data=data,
+                                              allow_redirects=allow_redirects)
             if resp.status != 401:
                 if resp.status in RETRY_STATUS:
                     resp.release()
@@ -165,10 +150,8 @@ class RegistryClient:
                 break
             if challenge.scheme == "basic":
                 if self.auth.credentials is None:
-                    raise RemoteError(
-                        f"{_safe(url)}: the registry requires credentials "
-                        "(use --creds USER:PASS or docker login)"
-                    )
+                    raise RemoteError(f"{_safe(url)}: the registry requires credentials "
+                                      "(use --creds USER:PASS or docker login)")
                 if self.auth.scheme == "basic":
                     break  # the credentials were sent and refused
                 self.auth.scheme = "basic"
@@ -198,9 +181,8 @@ class RegistryClient:
             if resp.status in RETRY_STATUS:
                 raise TransientError(f"token service {realm}: HTTP {resp.status}")
             if resp.status != 200:
-                raise RemoteError(
-                    f"token service {realm}: HTTP {resp.status} (credentials refused for {scope})"
-                )
+                raise RemoteError(f"token service {realm}: HTTP {resp.status} "
+                                  f"(credentials refused for {scope})")
             body = await _read_limited(resp, MAX_TOKEN_BYTES, "token response")
         try:
             doc = json.loads(body)
@@ -219,9 +201,7 @@ class RegistryClient:
     # ---------------------------------------------------------------- reading
 
     async def resolve(
-        self,
-        ref: ImageReference,
-        platform: mf.Platform | None = None,
+        self, ref: ImageReference, platform: mf.Platform | None = None,
         deadline: float | None = 60.0,
     ) -> ResolvedImage:
         """Tag or digest → manifest (through an index if needed) → config blob."""
@@ -231,9 +211,8 @@ class RegistryClient:
             raise CorruptDataError(f"{ref}: manifest digest is {digest}")
         if media_type in mf.INDEX_TYPES:
             chosen = mf.select_platform(mf.parse_index(data, media_type, str(ref)), platform)
-            data, media_type, digest = await self.get_manifest(
-                ref.repository, chosen.digest, deadline
-            )
+            data, media_type, digest = await self.get_manifest(ref.repository, chosen.digest,
+                                                               deadline)
             if digest != chosen.digest:
                 raise CorruptDataError(f"{ref}: manifest {chosen.digest} has digest {digest}")
         if media_type not in mf.MANIFEST_TYPES:
@@ -241,23 +220,19 @@ class RegistryClient:
         manifest = mf.parse_manifest(data, media_type, str(ref))
         if manifest.config.size > MAX_CONFIG_BYTES:
             raise FormatError(f"{ref}: image config of {manifest.config.size} bytes is too big")
-        config = await self.get_blob(
-            ref.repository, manifest.config.digest, manifest.config.size, deadline
-        )
-        return ResolvedImage(
-            ref.with_reference(digest=digest, tag=ref.tag), manifest, digest, config
-        )
+        config = await self.get_blob(ref.repository, manifest.config.digest,
+                                     manifest.config.size, deadline)
+        return ResolvedImage(ref.with_reference(digest=digest, tag=ref.tag), manifest, digest,
+                             config)
 
-    async def get_manifest(
-        self, repo: str, reference: str, deadline: float | None = 60.0
-    ) -> tuple[bytes, str, str]:
+    async def get_manifest(self, repo: str, reference: str,
+                           deadline: float | None = 60.0) -> tuple[bytes, str, str]:
         """(body, media type, sha256 digest of the body); verified when fetched by digest."""
         url = self._url(repo, "manifests", reference)
 
         async def attempt(_: float) -> tuple[bytes, str, str]:
-            async with await self._send(
-                "GET", url, _scope(repo), headers={"Accept": mf.ACCEPT}
-            ) as resp:
+            async with await self._send("GET", url, _scope(repo),
+                                        headers={"Accept": mf.ACCEPT}) as resp:
                 _check_status(resp, (200,), f"manifest {repo}:{reference}")
                 body = await _read_limited(resp, mf.MAX_MANIFEST_BYTES, f"manifest {reference}")
                 ctype = resp.headers.get("Content-Type")
@@ -268,16 +243,14 @@ class RegistryClient:
 
         return await self._with_retries(f"manifest {repo}:{reference}", attempt, deadline)
 
-    async def get_blob(
-        self, repo: str, digest: str, size: int, deadline: float | None = 60.0
-    ) -> bytes:
+    async def get_blob(self, repo: str, digest: str, size: int,
+                       deadline: float | None = 60.0) -> bytes:
         """A whole (small) blob, digest-verified."""
         mf.check_digest(digest)
 
         async def attempt(_: float) -> bytes:
-            async with await self._send(
-                "GET", self._url(repo, "blobs", digest), _scope(repo)
-            ) as resp:
+            async with await self._send("GET", self._url(repo, "blobs", digest),
+                                        _scope(repo)) as resp:
                 _check_status(resp, (200,), f"blob {digest}")
                 body = await _read_limited(resp, size, f"blob {digest}")
             mf.verify_digest(body, digest, f"blob {digest}")
@@ -287,9 +260,8 @@ class RegistryClient:
 
     async def blob_size(self, repo: str, digest: str, deadline: float | None = 60.0) -> int:
         async def attempt(_: float) -> int:
-            async with await self._send(
-                "HEAD", self._url(repo, "blobs", digest), _scope(repo)
-            ) as resp:
+            async with await self._send("HEAD", self._url(repo, "blobs", digest),
+                                        _scope(repo)) as resp:
                 _check_status(resp, (200,), f"blob {digest}")
                 if resp.content_length is None:
                     raise RemoteError(f"blob {digest}: no Content-Length")
@@ -297,9 +269,8 @@ class RegistryClient:
 
         return await self._with_retries(f"size of {digest}", attempt, deadline)
 
-    async def fetch_range(
-        self, repo: str, digest: str, offset: int, length: int, deadline: float | None = 30.0
-    ) -> RangeResult:
+    async def fetch_range(self, repo: str, digest: str, offset: int, length: int,
+                          deadline: float | None = 30.0) -> RangeResult:
         """Exactly bytes [offset, offset+length) of a blob (the caller clamps to its size)."""
         if offset < 0 or length <= 0:
             raise ValueError(f"bad range {offset}+{length}")
@@ -308,23 +279,19 @@ class RegistryClient:
         what = f"blob {digest} range {offset}+{length}"
 
         async def attempt(_: float) -> RangeResult:
-            async with await self._send(
-                "GET", url, _scope(repo), headers={"Range": f"bytes={offset}-{end}"}
-            ) as resp:
+            async with await self._send("GET", url, _scope(repo),
+                                        headers={"Range": f"bytes={offset}-{end}"}) as resp:
                 if resp.status == 206:
                     m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
                     if not m or int(m.group(1)) != offset or int(m.group(2)) != end:
-                        raise RemoteError(
-                            f"{what}: answered with Content-Range "
-                            f"{resp.headers.get('Content-Range')!r}"
-                        )
+                        raise RemoteError(f"{what}: answered with Content-Range "
+                                          f"{resp.headers.get('Content-Range')!r}")
                     data = await _read_exactly(resp, length, what)
                     return RangeResult(data, len(data))
                 if resp.status == 200:  # range ignored: the body is the whole blob; slice it
                     if resp.content_length is not None and resp.content_length < end + 1:
-                        raise RemoteError(
-                            f"{what}: full answer of only {resp.content_length} bytes"
-                        )
+                        raise RemoteError(f"{what}: full answer of only {resp.content_length} "
+                                          "bytes")
                     skipped = 0
                     while skipped < offset:
                         piece = await resp.content.read(min(1 << 20, offset - skipped))
@@ -342,9 +309,8 @@ class RegistryClient:
 
     async def blob_exists(self, repo: str, digest: str, deadline: float | None = 60.0) -> bool:
         async def attempt(_: float) -> bool:
-            async with await self._send(
-                "HEAD", self._url(repo, "blobs", digest), _scope(repo, push=True)
-            ) as resp:
+            async with await self._send("HEAD", self._url(repo, "blobs", digest),
+                                        _scope(repo, push=True)) as resp:
                 if resp.status == 404:
                     return False
                 _check_status(resp, (200,), f"blob {digest}")
@@ -353,15 +319,8 @@ class RegistryClient:
         return await self._with_retries(f"HEAD {digest}", attempt, deadline)
 
     async def upload_blob(
-        self,
-        repo: str,
-        path: Path,
-        digest: str,
-        size: int,
-        *,
-        chunk_size: int = 32 << 20,
-        progress: Callable[[int], None] | None = None,
-        deadline: float | None = 60.0,
+        self, repo: str, path: Path, digest: str, size: int, *, chunk_size: int = 32 << 20,
+        progress: Callable[[int], None] | None = None, deadline: float | None = 60.0,
     ) -> bool:
         """Upload a file as blob `digest` unless present; chunked (PATCH) when larger than
         `chunk_size`, else one monolithic PUT. Returns False if it was already there.
@@ -375,9 +334,8 @@ class RegistryClient:
 
         async def attempt(_: float) -> bool:
             sent = 0
-            async with await self._send(
-                "POST", f"{self.base_url}/v2/{repo}/blobs/uploads/", scope
-            ) as resp:
+            async with await self._send("POST", f"{self.base_url}/v2/{repo}/blobs/uploads/",
+                                        scope) as resp:
                 _check_status(resp, (202,), f"start upload of {digest}")
                 location = self._location(resp)
             with open(path, "rb") as fh:
@@ -386,13 +344,10 @@ class RegistryClient:
                         piece = await asyncio.to_thread(fh.read, min(chunk_size, size - sent))
                         if not piece:
                             raise FormatError(f"{path}: shrank during upload at {sent}")
-                        hdrs = {
-                            "Content-Type": "application/octet-stream",
-                            "Content-Range": f"{sent}-{sent + len(piece) - 1}",
-                        }
-                        async with await self._send(
-                            "PATCH", location, scope, headers=hdrs, data=piece
-                        ) as resp:
+                        hdrs = {"Content-Type": "application/octet-stream",
+                                "Content-Range": f"{sent}-{sent + len(piece) - 1}"}
+                        async with await self._send("PATCH", location, scope, headers=hdrs,
+                                                    data=piece) as resp:
                             _check_status(resp, (202,), f"upload of {digest} at {sent}")
                             location = self._location(resp)
                         sent += len(piece)
@@ -404,39 +359,32 @@ class RegistryClient:
                     if len(body) != size:
                         raise FormatError(f"{path}: changed size during upload")
             url = URL(location).update_query(digest=digest)
-            async with await self._send(
-                "PUT", url, scope, data=body, headers={"Content-Type": "application/octet-stream"}
-            ) as resp:
+            async with await self._send("PUT", url, scope, data=body,
+                                        headers={"Content-Type": "application/octet-stream"}
+                                        ) as resp:
                 _check_status(resp, (201,), f"finish upload of {digest}")
             if progress and body:
                 progress(len(body))
             return True
 
         slow = self.request_timeout + size / (1 << 20)
-        return await self._with_retries(
-            f"upload {digest}", attempt, None if deadline is None else deadline + slow, slow
-        )
+        return await self._with_retries(f"upload {digest}", attempt,
+                                        None if deadline is None else deadline + slow, slow)
 
-    async def put_manifest(
-        self, repo: str, tag: str, body: bytes, media_type: str, deadline: float | None = 60.0
-    ) -> str:
+    async def put_manifest(self, repo: str, tag: str, body: bytes, media_type: str,
+                           deadline: float | None = 60.0) -> str:
         """PUT a manifest under `tag`; returns its digest."""
         digest = mf.sha256_digest(body)
 
         async def attempt(_: float) -> str:
-            async with await self._send(
-                "PUT",
-                self._url(repo, "manifests", tag),
-                _scope(repo, push=True),
-                data=body,
-                headers={"Content-Type": media_type},
-            ) as resp:
+            async with await self._send("PUT", self._url(repo, "manifests", tag),
+                                        _scope(repo, push=True), data=body,
+                                        headers={"Content-Type": media_type}) as resp:
                 _check_status(resp, (201,), f"manifest {repo}:{tag}")
                 echoed = resp.headers.get("Docker-Content-Digest")
             if echoed and echoed != digest:
-                raise RemoteError(
-                    f"manifest {repo}:{tag}: registry says {echoed}, we sent {digest}"
-                )
+                raise RemoteError(f"manifest {repo}:{tag}: registry says {echoed}, "
+                                  f"we sent {digest}")
             return digest
 
         return await self._with_retries(f"manifest {repo}:{tag}", attempt, deadline)

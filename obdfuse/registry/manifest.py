@@ -84,11 +84,8 @@ class Descriptor:
     platform: Platform | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "mediaType": self.media_type,
-            "digest": self.digest,
-            "size": self.size,
-        }
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
+                               "size": self.size}
         if self.annotations:
             out["annotations"] = dict(self.annotations)
         return out
@@ -153,11 +150,8 @@ def parse_descriptor(obj: Any, what: str) -> Descriptor:
     platform = None
     if isinstance(obj.get("platform"), dict):
         p = obj["platform"]
-        platform = Platform(
-            str(p.get("os", "")),
-            str(p.get("architecture", "")),
-            p.get("variant") if isinstance(p.get("variant"), str) else None,
-        )
+        platform = Platform(str(p.get("os", "")), str(p.get("architecture", "")),
+                            p.get("variant") if isinstance(p.get("variant"), str) else None)
     return Descriptor(media_type, digest, size, _str_map(obj.get("annotations"), what), platform)
 
 
@@ -194,25 +188,21 @@ def parse_index(data: bytes, media_type: str, what: str = "index") -> Index:
     entries = doc.get("manifests")
     if not isinstance(entries, list) or len(entries) > MAX_LAYERS:
         raise FormatError(f"{what}: manifests must be a list")
-    return Index(
-        media_type, [parse_descriptor(e, f"{what} entry {i}") for i, e in enumerate(entries)]
-    )
+    return Index(media_type, [parse_descriptor(e, f"{what} entry {i}")
+                              for i, e in enumerate(entries)])
 
 
 def select_platform(index: Index, want: Platform) -> Descriptor:
     """The index entry for `want` (variant matched when both sides name one)."""
     candidates = [
-        d
-        for d in index.manifests
-        if d.platform
-        and d.platform.os == want.os
+        d for d in index.manifests
+        if d.platform and d.platform.os == want.os
         and d.platform.architecture == want.architecture
         and (want.variant is None or d.platform.variant in (None, want.variant))
     ]
     if not candidates:
-        have = sorted(
-            {f"{d.platform.os}/{d.platform.architecture}" for d in index.manifests if d.platform}
-        )
+        have = sorted({f"{d.platform.os}/{d.platform.architecture}"
+                       for d in index.manifests if d.platform})
         raise FormatError(
             f"image index has no manifest for {want.os}/{want.architecture} (has: {have})"
         )
@@ -231,9 +221,8 @@ def overlaybd_layer(desc: Descriptor) -> OverlaybdLayer | None:
         raise FormatError(f"layer {desc.digest}: bad blob-size {ann[A_BLOB_SIZE]!r}") from None
     if digest != desc.digest or size != desc.size:
         raise FormatError(f"layer {desc.digest}: overlaybd annotations disagree with descriptor")
-    return OverlaybdLayer(
-        digest, size, ann.get(A_VERSION, ""), ann.get(A_FS_TYPE), ann.get(A_ACCELERATION) == "yes"
-    )
+    return OverlaybdLayer(digest, size, ann.get(A_VERSION, ""), ann.get(A_FS_TYPE),
+                          ann.get(A_ACCELERATION) == "yes")
 
 
 def overlaybd_annotations(digest: str, size: int, fs_type: str | None = "ext4") -> dict[str, str]:

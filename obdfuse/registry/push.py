@@ -57,47 +57,27 @@ async def push_layers(
                 progress(_name, n, _size)
 
         await run_in_asyncio(_upload, registry, path, digest, size, chunk_size, tick)
-        descriptors.append(
-            mf.Descriptor(layer_type, digest, size, mf.overlaybd_annotations(digest, size, fs_type))
-        )
+        descriptors.append(mf.Descriptor(layer_type, digest, size,
+                                         mf.overlaybd_annotations(digest, size, fs_type)))
     config = mf.image_config([d.digest for d in descriptors], registry.options.platform)
-    config_desc = mf.Descriptor(
-        mf.OCI_CONFIG if oci else mf.DOCKER_CONFIG, mf.sha256_digest(config), len(config)
-    )
+    config_desc = mf.Descriptor(mf.OCI_CONFIG if oci else mf.DOCKER_CONFIG,
+                                mf.sha256_digest(config), len(config))
     with tempfile.NamedTemporaryFile() as tmp:
         tmp.write(config)
         tmp.flush()
-        await run_in_asyncio(
-            _upload, registry, Path(tmp.name), config_desc.digest, len(config), chunk_size, None
-        )
+        await run_in_asyncio(_upload, registry, Path(tmp.name), config_desc.digest,
+                             len(config), chunk_size, None)
     manifest_type = mf.OCI_MANIFEST if oci else mf.DOCKER_MANIFEST
     body = mf.build_manifest(config_desc, descriptors, manifest_type)
-    digest = await run_in_asyncio(
-        registry.client.put_manifest,
-        ref.repository,
-        ref.tag or "latest",
-        body,
-        manifest_type,
-        registry.options.policy.client_deadline,
-    )
+    digest = await run_in_asyncio(registry.client.put_manifest, ref.repository,
+                                  ref.tag or "latest", body, manifest_type,
+                                  registry.options.policy.client_deadline)
     return PushedImage(f"{ref.host}/{ref.repository}@{digest}", digest, descriptors)
 
 
-async def _upload(
-    registry: Registry,
-    path: Path,
-    digest: str,
-    size: int,
-    chunk_size: int,
-    tick: Callable[[int], None] | None,
-) -> bool:
+async def _upload(registry: Registry, path: Path, digest: str, size: int, chunk_size: int,
+                  tick: Callable[[int], None] | None) -> bool:
     # progress callbacks run on the asyncio thread; they only bump counters
-    return await registry.client.upload_blob(
-        registry.ref.repository,
-        path,
-        digest,
-        size,
-        chunk_size=chunk_size,
-        progress=tick,
-        deadline=registry.options.policy.client_deadline,
-    )
+    return await registry.client.upload_blob(registry.ref.repository, path, digest, size,
+                                             chunk_size=chunk_size, progress=tick,
+                                             deadline=registry.options.policy.client_deadline)

@@ -40,38 +40,23 @@ class Registry:
     @classmethod
     def open(cls, spec: str | ImageReference, options: RegistryOptions | None = None) -> Registry:
         options = options or RegistryOptions()
-        ref = (
-            spec
-            if isinstance(spec, ImageReference)
-            else parse_reference(spec, plain_http=options.plain_http)
-        )
-        creds = (
-            Credentials.parse(options.creds)
-            if options.creds
-            else credentials_from_docker_config(ref.host, options.docker_config)
-        )
-        client = RegistryClient.for_reference(ref, creds, request_timeout=options.request_timeout)
+        ref = spec if isinstance(spec, ImageReference) else parse_reference(
+            spec, plain_http=options.plain_http)
+        creds = (Credentials.parse(options.creds) if options.creds
+                 else credentials_from_docker_config(ref.host, options.docker_config))
+        client = RegistryClient.for_reference(ref, creds,
+                                              request_timeout=options.request_timeout)
         return cls(ref, client, options)
 
     async def resolve(self) -> ResolvedImage:
-        return await run_in_asyncio(
-            self.client.resolve,
-            self.ref,
-            self.options.platform,
-            self.options.policy.client_deadline,
-        )
+        return await run_in_asyncio(self.client.resolve, self.ref, self.options.platform,
+                                    self.options.policy.client_deadline)
 
     def layer_blobs(self, image: ResolvedImage) -> list[RegistryBlob]:
         """One RegistryBlob per manifest layer, bottom first."""
         return [
-            RegistryBlob(
-                self.client,
-                image.reference.repository,
-                layer.digest,
-                layer.size,
-                self.options.policy,
-                name=f"{image.reference.repository}@{layer.digest}",
-            )
+            RegistryBlob(self.client, image.reference.repository, layer.digest, layer.size,
+                         self.options.policy, name=f"{image.reference.repository}@{layer.digest}")
             for layer in image.manifest.layers
         ]
 
