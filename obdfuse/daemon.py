@@ -299,6 +299,7 @@ def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: flo
         try:
             os.close(read_end)
             os.setsid()
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no terminal to hang up any more
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(log_fd, 1)
