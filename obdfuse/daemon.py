@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyfuse3
 import trio
@@ -61,6 +61,11 @@ class MountSettings:
     log_file: str | None = None
     fuse_device: str = "/dev/fuse"
     extra_options: frozenset[str] = field(default_factory=frozenset)
+    #: Tasks run beside the FUSE loop once the mount is live (iSCSI target,
+    #: prefetch, background fill); cancelled when the mount stops.
+    services: list[Callable[[BlockDevice], Awaitable[None]]] = field(default_factory=list)
+    #: Extra fields for `.obdfuse-stat` (see ImageFS.stat_providers).
+    stat_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
 
     def fuse_options(self) -> set[str]:
         options = set(pyfuse3.default_options) | {"fsname=obdfuse", "subtype=obdfuse"}
@@ -216,6 +221,7 @@ async def serve(open_device: DeviceOpener, settings: MountSettings, readiness: R
         device = await open_device()
         try:
             fs = ImageFS(device, image_name=settings.image)
+            fs.stat_providers.extend(settings.stat_providers)
             _mount_fuse(fs, settings)
             await _serve_mounted(fs, settings, readiness, signals)
         finally:
@@ -246,6 +252,8 @@ async def _serve_mounted(
             sd_notify("READY=1", f"STATUS=serving {settings.image} at {settings.mountpoint}")
             readiness.ready()
             nursery.start_soon(_await_stop_signal, signals, fs, shutdown)
+            for service in settings.services:
+                nursery.start_soon(service, fs.device)
         unmount = shutdown.requested_by is not None
         if not unmount:
             log.info("%s was unmounted; flushing and exiting", settings.mountpoint)
@@ -299,6 +307,7 @@ def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: flo
         try:
             os.close(read_end)
             os.setsid()
+            os.chdir("/")  # keep no directory busy; the CLI passes absolute paths
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no terminal to hang up any more
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)

@@ -76,8 +76,13 @@ def mount(
 
         return await open_image(image, upper=upper, size=size, cache_dir=cache_dir)
 
+    # The daemon runs from /: make local paths absolute (image references stay as they are).
+    if os.path.exists(image):
+        image = os.path.abspath(image)
+    upper = Path(os.path.abspath(upper)) if upper else None
+    cache_dir = Path(os.path.abspath(cache_dir)) if cache_dir else None
     mountpoint = Path(os.path.abspath(mountpoint))
-    log_path = log_file or runstate.default_log_path(mountpoint)
+    log_path = Path(os.path.abspath(log_file or runstate.default_log_path(mountpoint)))
     settings = MountSettings(
         mountpoint=mountpoint,
         image=image,
