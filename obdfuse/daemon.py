@@ -56,7 +56,7 @@ class MountSettings:
     mountpoint: Path
     image: str  # what was mounted, for logs, the stat file and the mount record
     max_tasks: int = 16  # FUSE requests handled concurrently
-    readahead_kb: int | None = 1024  # kernel readahead on the FUSE file (None: kernel default)
+    readahead_kb: int | None = 4096  # kernel readahead on the FUSE file (None: kernel default)
     ready_timeout: float = 60.0
     log_file: str | None = None
     fuse_device: str = "/dev/fuse"

@@ -49,6 +49,10 @@ def test_read_only_mount_serves_the_disk_through_loop_and_ext4(mounts, tmp_path,
     st = os.stat(m.image_path)
     assert st.st_size == 64 << 20
     assert st.st_ino == 2 and os.stat(m.mountpoint).st_ino == 1
+    dev = os.stat(m.mountpoint).st_dev
+    bdi = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    with open(bdi) as f:
+        assert int(f.read()) == 4096  # raised from the kernel's 128 KiB
     assert 0 < st.st_blocks * 512 <= os.stat(image).st_blocks * 512 + 4096
     assert m.image_path.read_bytes() == image.read_bytes()
     with pytest.raises(OSError) as exc:

@@ -44,7 +44,7 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 @click.option("--raw", type=click.Choice(["ro", "rw"]), hidden=True,
               help="Serve IMAGE as a plain disk image file (testing and benchmarks).")
 @click.option("--max-tasks", type=click.IntRange(1, 256), default=16, hidden=True)
-@click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=1024, hidden=True)
+@click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=4096, hidden=True)
 @click.argument("image")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def mount(
