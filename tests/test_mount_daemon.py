@@ -233,3 +233,17 @@ def test_umount_finds_a_daemon_started_with_another_run_dir(mounts, tmp_path, ex
     proc = m.umount()
     assert proc.returncode == 0, proc.stderr
     assert process_start_time(m.pid) is None
+
+
+def test_umount_leaves_other_filesystems_alone(mounts, tmp_path):
+    target = mounts.loop.mount("tmpfs", tmp_path / "tmpfs", options="size=1m", fstype="tmpfs")
+    proc = mounts.obdfuse("umount", str(target))
+    _one_line_error(proc, "is not an obdfuse mount (tmpfs)")
+    assert os.path.ismount(target)
+
+
+def test_size_without_upper_is_a_usage_error(mounts, tmp_path, ext4_raw):
+    image, _ = ext4_raw
+    (tmp_path / "mp").mkdir()
+    proc = mounts.obdfuse("mount", "--size", "1G", str(image), str(tmp_path / "mp"))
+    assert proc.returncode == 2 and "--size" in proc.stderr and "--upper" in proc.stderr

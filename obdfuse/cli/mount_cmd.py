@@ -23,7 +23,7 @@ from obdfuse.daemon import (
 from obdfuse.device import BlockDevice, RawFileDevice
 from obdfuse.errors import ObdfuseError
 from obdfuse.fs import STAT_NAME
-from obdfuse.mountpoint import fuse_unmount, is_mounted
+from obdfuse.mountpoint import FSTYPE, fuse_unmount, mounts
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -68,6 +68,8 @@ def mount(
     """
     if raw and (upper or size):
         raise click.UsageError("--raw cannot be combined with --upper/--size")
+    if size is not None and upper is None:
+        raise click.UsageError("--size sizes a new writable layer: it needs --upper DIR")
 
     async def open_device() -> BlockDevice:
         if raw:
@@ -111,7 +113,10 @@ def umount(mountpoint: Path, timeout: float, lazy: bool) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has flushed and exited."""
     mountpoint = Path(os.path.abspath(mountpoint))
     record = runstate.read_record(mountpoint)
-    mounted = is_mounted(mountpoint)
+    kind = mounts().get(str(mountpoint))
+    if kind is not None and kind != FSTYPE:
+        raise ObdfuseError(f"{mountpoint} is not an obdfuse mount ({kind}); not touching it")
+    mounted = kind is not None
     if record is None and mounted:  # started with another run directory: ask the mount
         record = _record_from_stat_file(mountpoint)
     daemon_alive = record is not None and record.alive()
