@@ -213,12 +213,32 @@ async def _await_stop_signal(
         return
 
 
+async def _open_unless_signalled(open_device: DeviceOpener, signals: object) -> BlockDevice:
+    """Open the device; a SIGTERM/SIGINT meanwhile (a registry that does not answer) aborts."""
+    stopped_by: list[str] = []
+    device: BlockDevice | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            async for signum in signals:  # type: ignore[attr-defined]
+                stopped_by.append(signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                return
+
+        nursery.start_soon(watch)
+        device = await open_device()
+        nursery.cancel_scope.cancel()
+    if stopped_by or device is None:
+        raise ObdfuseError(f"stopped by {stopped_by[0]} while opening the image")
+    return device
+
+
 async def serve(open_device: DeviceOpener, settings: MountSettings, readiness: Readiness) -> None:
     """Mount, report readiness, serve until unmounted or signalled, flush, clean up."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         check_fuse_device(settings.fuse_device)
         settings.mountpoint = check_mountpoint(settings.mountpoint)
-        device = await open_device()
+        device = await _open_unless_signalled(open_device, signals)
         try:
             fs = ImageFS(device, image_name=settings.image)
             fs.stat_providers.extend(settings.stat_providers)

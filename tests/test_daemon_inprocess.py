@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 
+import pytest
 import trio
 
 from obdfuse.daemon import MountSettings, StderrReadiness, serve
 from obdfuse.device import RawFileDevice
+from obdfuse.errors import ObdfuseError
 
 
 def test_services_run_beside_the_fuse_loop_and_stop_with_it(tmp_path):
@@ -55,4 +58,23 @@ def test_services_run_beside_the_fuse_loop_and_stop_with_it(tmp_path):
     assert seen["image"] == disk.read_bytes()
     stat = seen["stat"]
     assert stat["extra"] == "yes" and stat["image"] == "test-image" and stat["pid"] == os.getpid()
+    assert not os.path.ismount(mountpoint)
+
+
+def test_a_signal_while_the_image_is_opening_stops_the_daemon(tmp_path):
+    """A registry that never answers must not make SIGTERM wait."""
+    mountpoint = tmp_path / "mp"
+    mountpoint.mkdir()
+
+    async def hanging_open():
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by the daemon's signal receiver
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            await serve(hanging_open, MountSettings(mountpoint=mountpoint, image="x"),
+                        StderrReadiness())
+
+    with pytest.raises(ObdfuseError, match="stopped by SIGTERM while opening the image"):
+        trio.run(main)
     assert not os.path.ismount(mountpoint)
