@@ -6,6 +6,7 @@ file (a baseline for benchmarks, and a stand-in backend for front-end tests).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Protocol, runtime_checkable
 
@@ -93,12 +94,20 @@ class RawFileDevice:
             raise ValueError(f"write {offset}+{length} outside the device of {self._size} bytes")
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range so it reads as zeros (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE)."""
+@functools.cache
+def _libc():
+    """The C library, loaded once (find_library runs a subprocess)."""
     import ctypes
     import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range so it reads as zeros (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE)."""
+    import ctypes
+
+    libc = _libc()
     falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
     rc = libc.fallocate(
         fd,

@@ -42,8 +42,9 @@ async def open_image(
     `cache_dir` overrides theirs).
 
     `upper`: a directory holding a writable layer (`data` + `index`), created
-    when missing, sized like the lowers or `size` if there are none. The stack
-    is writable iff it has an upper, unless `read_only` says otherwise.
+    when missing with virtual size `size` (default: the lowers' size); an
+    existing one must have that size. The stack is writable iff it has an
+    upper, unless `read_only` says otherwise.
     """
     text = os.fspath(spec)
     if _is_reference(text):
@@ -68,7 +69,7 @@ async def open_image(
             rw = WritableLayer.open(data, index, read_only=ro)
         if rw is not None and lowers:
             vsize = _lowers_vsize(lowers)
-            if rw.virtual_size == 0 and vsize:
+            if rw.virtual_size == 0 and vsize and not rw.read_only:
                 rw.set_virtual_size(vsize)
         stack = Stack(lowers, rw, read_only=read_only)
     except BaseException as exc:
@@ -90,15 +91,14 @@ def open_upper_dir(
 ) -> WritableLayer:
     """Open or create the writable layer kept in directory `path`."""
     data, index = path / UPPER_DATA, path / UPPER_INDEX
-    want = _lowers_vsize(lowers) or size
+    want = size if size is not None else _lowers_vsize(lowers)
     if data.exists():
         layer = WritableLayer.open(data, index, read_only=read_only)
-        expected = size if size is not None else _lowers_vsize(lowers)
-        if expected and layer.virtual_size != expected:
+        if want and layer.virtual_size != want:
             layer.close()
             raise FormatError(
                 f"{path}: the writable layer has virtual size {layer.virtual_size}, "
-                f"but the image needs {expected}"
+                f"but the image needs {want}"
             )
         return layer
     if read_only:

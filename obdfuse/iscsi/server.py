@@ -1,0 +1,202 @@
+"""The trio TCP driver of the iSCSI target: sockets, tasks, deadlines, limits.
+
+One task reads and parses each connection (sans-IO `Connection`), one executes
+its SCSI commands in order against the logical unit; output is flushed under a
+lock. Connections are capped, logins must finish within a deadline, reads are
+bounded, and a session that logs in again with the same initiator name and ISID
+replaces the old one. Nothing here knows PDU layouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from obdfuse.device import BlockDevice
+from obdfuse.iscsi.login import ChapCredentials
+from obdfuse.iscsi.scsi import LogicalUnit
+from obdfuse.iscsi.session import CMDSN_WINDOW, Connection, TargetConfig
+
+log = logging.getLogger("obdfuse.iscsi")
+
+DEFAULT_IQN = "iqn.2024-01.io.obdfuse:image"
+DEFAULT_PORT = 3260
+RECV_CHUNK = 1 << 20
+LOGIN_TIMEOUT = 15.0
+
+
+@dataclass
+class Limits:
+    """Resource limits against floods and misbehaving peers."""
+
+    max_connections: int = 64
+    max_logging_in: int = 16
+    login_timeout: float = LOGIN_TIMEOUT
+
+
+@dataclass
+class _Sessions:
+    """Live sessions by (initiator name, ISID), for reinstatement."""
+
+    by_key: dict[tuple[str, bytes], trio.CancelScope] = field(default_factory=dict)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[v6]:PORT`, `HOST` or `:PORT` into (host, port)."""
+    text = listen.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        return host or "127.0.0.1", int(port) if port else DEFAULT_PORT
+    except ValueError as exc:
+        raise ValueError(f"bad listen address {listen!r} (use HOST:PORT)") from exc
+
+
+def is_loopback(host: str) -> bool:
+    """True if `host` only accepts local connections."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class IscsiServer:
+    """Serves one target (its LUs) on TCP listeners."""
+
+    def __init__(self, config: TargetConfig, limits: Limits | None = None) -> None:
+        self.config = config
+        self.limits = limits or Limits()
+        self._sessions = _Sessions()
+        self._conn_count = 0
+        self._login_slots = trio.Semaphore(self.limits.max_logging_in)
+        self.connections_served = 0
+
+    async def serve(self, host: str, port: int, *,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve forever; `task_status.started` gets the bound port."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        log.info("iSCSI target %s listening on %s:%d", self.config.iqn, host, bound)
+        task_status.started(bound)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if self._conn_count >= self.limits.max_connections:
+            await stream.aclose()
+            return
+        self._conn_count += 1
+        self.connections_served += 1
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            await self._run_connection(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("iSCSI connection ended: %s", exc)
+        finally:
+            self._conn_count -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _run_connection(self, stream: trio.SocketStream) -> None:
+        sockname = stream.socket.getsockname()
+        host = sockname[0]
+        portal = f"[{host}]:{sockname[1]}" if ":" in host else f"{host}:{sockname[1]}"
+        conn = Connection(self.config, portal=portal)
+        send_lock = trio.Lock()
+
+        async def flush() -> None:
+            async with send_lock:
+                parts = conn.data_to_send()
+                if parts:
+                    await stream.send_all(b"".join(parts) if len(parts) > 1 else parts[0])
+
+        scope = trio.CancelScope()
+        key = None
+        try:
+            with scope:
+                if not await self._login(stream, conn, flush):
+                    return
+                key = conn.session_key
+                if key is not None:
+                    old = self._sessions.by_key.get(key)
+                    if old is not None:
+                        old.cancel()  # session reinstatement
+                    self._sessions.by_key[key] = scope
+                await self._full_feature(stream, conn, flush)
+        finally:
+            conn.nexus_lost()
+            if key is not None and self._sessions.by_key.get(key) is scope:
+                del self._sessions.by_key[key]
+            if conn.cold_reset:
+                for other in list(self._sessions.by_key.values()):
+                    other.cancel()
+
+    async def _login(self, stream, conn: Connection, flush) -> bool:
+        """Run the login phase under a deadline and a cap on concurrent logins."""
+        with trio.move_on_after(self.limits.login_timeout) as deadline:
+            async with self._login_slots:
+                while not conn.full_feature:
+                    data = await stream.receive_some(RECV_CHUNK)
+                    if not data:
+                        return False
+                    tasks = conn.receive_data(data)
+                    await flush()
+                    if conn.closing:
+                        return False
+                    if tasks:  # cannot happen before full feature; be strict anyway
+                        return False
+                return True
+        if deadline.cancelled_caught:
+            log.info("iSCSI login timed out")
+        return False
+
+    async def _full_feature(self, stream, conn: Connection, flush) -> None:
+        send_tasks, recv_tasks = trio.open_memory_channel(CMDSN_WINDOW)
+
+        async def execute() -> None:
+            async with recv_tasks:
+                async for task in recv_tasks:
+                    if task.aborted:
+                        continue
+                    lu = self.config.luns[task.lun]
+                    result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
+                                              task.edtl if task.write else None)
+                    conn.complete(task, result)
+                    await flush()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(execute)
+            try:
+                async with send_tasks:
+                    # Anything that arrived together with the final login PDU.
+                    pending = conn.receive_data(b"") if conn.reader.buffered else []
+                    while True:
+                        for task in pending:
+                            await send_tasks.send(task)
+                        await flush()
+                        if conn.closing:
+                            break
+                        data = await stream.receive_some(RECV_CHUNK)
+                        if not data:
+                            break
+                        pending = conn.receive_data(data)
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def serve_iscsi(device: BlockDevice, listen: str = f"127.0.0.1:{DEFAULT_PORT}",
+                      iqn: str = DEFAULT_IQN, chap: ChapCredentials | None = None,
+                      task_status=trio.TASK_STATUS_IGNORED, *,
+                      limits: Limits | None = None) -> None:
+    """Serve `device` as LUN 0 of target `iqn` until cancelled.
+
+    Use inside a trio nursery: `port = await nursery.start(serve_iscsi, dev, ...)`.
+    """
+    host, port = parse_listen(listen)
+    lu = LogicalUnit(device, name=iqn)
+    config = TargetConfig(iqn=iqn, luns={0: lu}, chap=chap)
+    await IscsiServer(config, limits).serve(host, port, task_status=task_status)
