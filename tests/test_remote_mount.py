@@ -94,3 +94,60 @@ def test_mount_of_missing_image_fails_cleanly(mounts, registry, tmp_path):
     with pytest.raises(Exception, match="not found"):
         m.start(timeout=60)
     assert subprocess.run(["mountpoint", "-q", str(tmp_path / "mnt")]).returncode != 0
+
+
+def _pread_file(path, offset, length):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_registry_outage_through_fuse(mounts, registry, tmp_path):
+    """fail: EIO within the deadline and the daemon lives on; wait: the read resumes."""
+    import errno
+    import threading
+    import time
+
+    rng = random.Random(9)
+    writes = [(off, rng.randbytes(MiB)) for off in range(0, 32 * MiB, MiB)]
+    layer = make_layer(tmp_path / "layer", "img", 32 * MiB, writes)
+    assert mounts.obdfuse("push", str(layer), f"{registry.host}/sample:latest").returncode == 0
+    want = b"".join(piece for _, piece in writes)
+
+    m = mounts.mount(f"{registry.host}/sample:latest", "--cache-dir", str(tmp_path / "c1"),
+                     "--registry-timeout", "2", "--chunk-size", "256K")
+    assert _pread_file(m.image_path, 0, 4096) == want[:4096]
+    registry.stop()
+    start = time.monotonic()
+    with pytest.raises(OSError) as exc:
+        _pread_file(m.image_path, 20 * MiB, 4096)
+    assert exc.value.errno == errno.EIO
+    assert time.monotonic() - start < 15
+    registry.restart()
+    assert _pread_file(m.image_path, 20 * MiB, 4096) == want[20 * MiB:20 * MiB + 4096]
+    assert m.umount().returncode == 0
+
+    w = mounts.mount(f"{registry.host}/sample:latest", "--cache-dir", str(tmp_path / "c2"),
+                     "--registry-timeout", "2", "--on-registry-error", "wait",
+                     "--chunk-size", "256K")
+    assert _pread_file(w.image_path, 0, 4096) == want[:4096]
+    registry.stop()
+    result = {}
+
+    def reader():
+        try:
+            result["data"] = _pread_file(w.image_path, 25 * MiB, 4096)
+        except OSError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    thread.join(4.0)  # twice the fail deadline: still waiting, no error
+    assert thread.is_alive() and not result
+    registry.restart()
+    thread.join(30)
+    assert result.get("data") == want[25 * MiB:25 * MiB + 4096], result
+    assert w.umount().returncode == 0
