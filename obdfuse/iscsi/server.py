@@ -9,6 +9,7 @@ replaces the old one. Nothing here knows PDU layouts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ DEFAULT_IQN = "iqn.2024-01.io.obdfuse:image"
 DEFAULT_PORT = 3260
 RECV_CHUNK = 1 << 20
 LOGIN_TIMEOUT = 15.0
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 4 << 20
 
 
 @dataclass
@@ -118,15 +121,16 @@ class IscsiServer:
         key = None
         try:
             with scope:
-                if not await self._login(stream, conn, flush):
-                    return
-                key = conn.session_key
-                if key is not None:
-                    old = self._sessions.by_key.get(key)
-                    if old is not None:
-                        old.cancel()  # session reinstatement
-                    self._sessions.by_key[key] = scope
-                await self._full_feature(stream, conn, flush)
+                if await self._login(stream, conn, flush):
+                    key = conn.session_key
+                    if key is not None:
+                        old = self._sessions.by_key.get(key)
+                        if old is not None:
+                            old.cancel()  # session reinstatement
+                        self._sessions.by_key[key] = scope
+                    await self._full_feature(stream, conn, flush)
+            if not scope.cancelled_caught:
+                await self._linger(stream)
         finally:
             conn.nexus_lost()
             if key is not None and self._sessions.by_key.get(key) is scope:
@@ -134,6 +138,21 @@ class IscsiServer:
             if conn.cold_reset:
                 for other in list(self._sessions.by_key.values()):
                     other.cancel()
+
+    @staticmethod
+    async def _linger(stream) -> None:
+        """Close politely: stop sending, then drain (bounded) what the peer still sends,
+        so a final Reject/Logout Response is not destroyed by a TCP reset."""
+        with trio.move_on_after(LINGER_SECONDS):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                     OSError):
+                await stream.send_eof()
+            drained = 0
+            while drained < LINGER_BYTES:
+                data = await stream.receive_some(RECV_CHUNK)
+                if not data:
+                    break
+                drained += len(data)
 
     async def _login(self, stream, conn: Connection, flush) -> bool:
         """Run the login phase under a deadline and a cap on concurrent logins."""
