@@ -19,15 +19,17 @@ import trio
 from obdfuse.device import BlockDevice
 from obdfuse.iscsi.login import ChapCredentials
 from obdfuse.iscsi.scsi import LogicalUnit
-from obdfuse.iscsi.session import CMDSN_WINDOW, Connection, TargetConfig
+from obdfuse.iscsi.session import Connection, TargetConfig
 
 log = logging.getLogger("obdfuse.iscsi")
 
 DEFAULT_IQN = "iqn.2024-01.io.obdfuse:image"
 DEFAULT_PORT = 3260
 RECV_CHUNK = 1 << 20
+SMALL_RECV = 65536
 LOGIN_TIMEOUT = 15.0
 LINGER_SECONDS = 1.0
+BATCH_QUEUE = 4
 LINGER_BYTES = 4 << 20
 
 
@@ -174,37 +176,46 @@ class IscsiServer:
         return False
 
     async def _full_feature(self, stream, conn: Connection, flush) -> None:
-        send_tasks, recv_tasks = trio.open_memory_channel(CMDSN_WINDOW)
+        # Tasks travel in batches (all that one receive completed), and the executor
+        # flushes once per batch: one send() for many responses.
+        send_batches, recv_batches = trio.open_memory_channel(BATCH_QUEUE)
 
         async def execute() -> None:
-            async with recv_tasks:
-                async for task in recv_tasks:
-                    if task.aborted:
-                        continue
-                    lu = self.config.luns[task.lun]
-                    result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
-                                              task.edtl if task.write else None)
-                    conn.complete(task, result)
+            async with recv_batches:
+                async for batch in recv_batches:
+                    for task in batch:
+                        if task.aborted:
+                            continue
+                        lu = self.config.luns[task.lun]
+                        result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
+                                                  task.edtl if task.write else None)
+                        conn.complete(task, result)
                     await flush()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(execute)
             try:
-                async with send_tasks:
+                async with send_batches:
                     # Anything that arrived together with the final login PDU.
                     pending = conn.receive_data(b"") if conn.reader.buffered else []
                     while True:
-                        for task in pending:
-                            await send_tasks.send(task)
+                        if pending:
+                            await send_batches.send(pending)
                         await flush()
                         if conn.closing:
                             break
-                        data = await stream.receive_some(RECV_CHUNK)
+                        data = await stream.receive_some(_chunk(conn))
                         if not data:
                             break
                         pending = conn.receive_data(data)
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def _chunk(conn: Connection) -> int:
+    """How much to ask the socket for: small buffers stay off mmap (a 1 MiB receive
+    buffer costs page faults per call); big Data-Out PDUs get what they need."""
+    return min(max(SMALL_RECV, conn.reader.wanted()), RECV_CHUNK)
 
 
 async def serve_iscsi(device: BlockDevice, listen: str = f"127.0.0.1:{DEFAULT_PORT}",
