@@ -27,9 +27,14 @@ DEFAULT_IQN = "iqn.2024-01.io.obdfuse:image"
 DEFAULT_PORT = 3260
 RECV_CHUNK = 1 << 20
 SMALL_RECV = 65536
+IOV_MAX = 1024
 LOGIN_TIMEOUT = 15.0
 LINGER_SECONDS = 1.0
-BATCH_QUEUE = 4
+BATCH_QUEUE = 16
+# Batches executed at once per connection: while one waits on a device read running
+# in a worker thread, another can send (responses are tagged, so order is free).
+EXECUTORS = 4
+BATCH_BYTES = 256 * 1024
 LINGER_BYTES = 4 << 20
 
 
@@ -117,7 +122,7 @@ class IscsiServer:
             async with send_lock:
                 parts = conn.data_to_send()
                 if parts:
-                    await stream.send_all(b"".join(parts) if len(parts) > 1 else parts[0])
+                    await _send_vectored(stream.socket, parts)
 
         scope = trio.CancelScope()
         key = None
@@ -181,26 +186,26 @@ class IscsiServer:
         send_batches, recv_batches = trio.open_memory_channel(BATCH_QUEUE)
 
         async def execute() -> None:
-            async with recv_batches:
-                async for batch in recv_batches:
-                    for task in batch:
-                        if task.aborted:
-                            continue
-                        lu = self.config.luns[task.lun]
-                        result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
-                                                  task.edtl if task.write else None)
-                        conn.complete(task, result)
-                    await flush()
+            async for batch in recv_batches:
+                for task in batch:
+                    if task.aborted:
+                        continue
+                    lu = self.config.luns[task.lun]
+                    result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
+                                              task.edtl if task.write else None)
+                    conn.complete(task, result)
+                await flush()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(execute)
+            for _ in range(EXECUTORS):
+                nursery.start_soon(execute)
             try:
                 async with send_batches:
                     # Anything that arrived together with the final login PDU.
                     pending = conn.receive_data(b"") if conn.reader.buffered else []
                     while True:
-                        if pending:
-                            await send_batches.send(pending)
+                        for batch in _batches(pending):
+                            await send_batches.send(batch)
                         await flush()
                         if conn.closing:
                             break
@@ -210,6 +215,35 @@ class IscsiServer:
                         pending = conn.receive_data(data)
             finally:
                 nursery.cancel_scope.cancel()
+
+
+async def _send_vectored(sock, parts: list) -> None:
+    """Send every buffer with scatter-gather sendmsg (no joining copy of read data)."""
+    views = [memoryview(p) for p in parts]
+    while views:
+        sent = await sock.sendmsg(views[:IOV_MAX])
+        while sent and views:
+            n = views[0].nbytes
+            if sent >= n:
+                sent -= n
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def _batches(tasks: list) -> list[list]:
+    """Group tasks so that each group moves about BATCH_BYTES: many small commands
+    share one flush, big transfers run on separate executors."""
+    groups: list[list] = []
+    size = BATCH_BYTES
+    for task in tasks:
+        if size >= BATCH_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(task)
+        size += max(task.edtl, 4096)
+    return groups
 
 
 def _chunk(conn: Connection) -> int:
