@@ -10,6 +10,7 @@ import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from obdfuse.blob import FileBlob
 from obdfuse.errors import FormatError
@@ -17,6 +18,9 @@ from obdfuse.layers.config import ImageConfig, load_config
 from obdfuse.layers.sealed import SealedLayer, open_layer
 from obdfuse.layers.stack import Stack
 from obdfuse.layers.writable import WritableLayer
+
+if TYPE_CHECKING:
+    from obdfuse.remote_image import RemoteOptions
 
 UPPER_DATA = "data"
 UPPER_INDEX = "index"
@@ -29,20 +33,30 @@ async def open_image(
     size: int | None = None,
     cache_dir: Path | None = None,
     read_only: bool | None = None,
+    remote: RemoteOptions | None = None,
 ) -> Stack:
-    """Open `spec` (config.v1.json or layer file) as a Stack.
+    """Open `spec` (config.v1.json, layer file or image reference) as a Stack.
+
+    An image reference (`host[:port]/repo[:tag|@digest]`) is resolved in its
+    registry and its layers read lazily through the cache (`remote` options;
+    `cache_dir` overrides theirs).
 
     `upper`: a directory holding a writable layer (`data` + `index`), created
-    when missing, sized like the lowers or `size` if there are none. The stack
-    is writable iff it has an upper, unless `read_only` says otherwise.
+    when missing with virtual size `size` (default: the lowers' size); an
+    existing one must have that size. The stack is writable iff it has an
+    upper, unless `read_only` says otherwise.
     """
     text = os.fspath(spec)
-    for accepts, opener in IMAGE_OPENERS:
-        if accepts(text):
-            lowers, config_upper, config = await opener(text, cache_dir)
-            break
+    if _is_reference(text):
+        lowers, config_upper, config = await _open_reference(text, cache_dir, remote)
     else:
-        raise FormatError(f"{text}: not a file (expected a config.v1.json or a layer file)")
+        for accepts, opener in IMAGE_OPENERS:
+            if accepts(text):
+                lowers, config_upper, config = await opener(text, cache_dir)
+                break
+        else:
+            raise FormatError(f"{text}: not a file (expected a config.v1.json, a layer file "
+                              "or an image reference)")
     try:
         if upper is not None and config_upper is not None:
             raise FormatError(f"{text}: the config names an upper layer; do not pass another")
@@ -55,7 +69,7 @@ async def open_image(
             rw = WritableLayer.open(data, index, read_only=ro)
         if rw is not None and lowers:
             vsize = _lowers_vsize(lowers)
-            if rw.virtual_size == 0 and vsize:
+            if rw.virtual_size == 0 and vsize and not rw.read_only:
                 rw.set_virtual_size(vsize)
         stack = Stack(lowers, rw, read_only=read_only)
     except BaseException as exc:
@@ -77,15 +91,14 @@ def open_upper_dir(
 ) -> WritableLayer:
     """Open or create the writable layer kept in directory `path`."""
     data, index = path / UPPER_DATA, path / UPPER_INDEX
-    want = _lowers_vsize(lowers) or size
+    want = size if size is not None else _lowers_vsize(lowers)
     if data.exists():
         layer = WritableLayer.open(data, index, read_only=read_only)
-        expected = size if size is not None else _lowers_vsize(lowers)
-        if expected and layer.virtual_size != expected:
+        if want and layer.virtual_size != want:
             layer.close()
             raise FormatError(
                 f"{path}: the writable layer has virtual size {layer.virtual_size}, "
-                f"but the image needs {expected}"
+                f"but the image needs {want}"
             )
         return layer
     if read_only:
@@ -137,6 +150,26 @@ async def _open_config(text: str, cache_dir: Path | None) -> Opened:
         cleanup.pop_all()
     upper = (config.upper.data, config.upper.index) if config.upper else None
     return lowers, upper, config
+
+
+def _is_reference(text: str) -> bool:
+    from obdfuse.registry.reference import looks_like_reference
+
+    return not Path(text).exists() and looks_like_reference(text)
+
+
+async def _open_reference(
+    text: str, cache_dir: Path | None, remote: RemoteOptions | None
+) -> Opened:
+    from dataclasses import replace
+
+    from obdfuse.remote_image import RemoteOptions, open_remote_layers
+
+    options = remote or RemoteOptions()
+    if cache_dir is not None:
+        options = replace(options, cache_dir=Path(cache_dir))
+    lowers, _ = await open_remote_layers(text, options)
+    return lowers, None, None
 
 
 async def _open_layer_path(text: str, cache_dir: Path | None) -> Opened:

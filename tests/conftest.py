@@ -25,3 +25,16 @@ def registry(tmp_path):
 
     with RegistryServer(tmp_path / "registry") as server:
         yield server
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    """Start `obdfuse mount` daemons, loop devices and filesystem mounts (`MountKit`).
+
+    Everything started through it is unmounted, detached and killed at teardown,
+    even when the test fails.
+    """
+    from tests.support.mounts import MountKit
+
+    with MountKit(tmp_path) as kit:
+        yield kit

@@ -55,6 +55,26 @@ def test_dump_l1_commit_gives_the_reference_image(samples, tmp_path):
     assert sha256_file(out) == L1_IMAGE_SHA256
 
 
+def test_dump_l1_commit_zfile_gives_the_reference_image(samples, tmp_path):
+    out = tmp_path / "disk.img"
+    obdfuse("dump", samples / "layers" / "l1.commit.lz4.zfile", out)
+    assert sha256_file(out) == L1_IMAGE_SHA256
+
+
+@pytest.mark.slow
+def test_dump_ext4_64_is_a_sparse_disk_that_fscks(samples, tmp_path):
+    out = tmp_path / "disk.img"
+    obdfuse("dump", samples / "layers" / "ext4_64", out)
+    st = out.stat()
+    assert st.st_size == 64 << 30
+    assert st.st_blocks * 512 < 64 * MIB  # holes stay holes
+    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True, timeout=120)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    info = json.loads(obdfuse("layer", "info", "--json", samples / "layers" / "ext4_64").stdout)
+    assert info["wrapping"] == "zfile" and info["segments"] == 8323
+    assert info["uuid"] == "C02FB491-B4D4-4904-8684-A014D032AF78"
+
+
 def test_dump_of_a_config_with_relative_and_dir_lowers(samples, tmp_path):
     layer_dir = tmp_path / "layer0"
     layer_dir.mkdir()
@@ -107,6 +127,18 @@ def test_create_write_commit_info_dump(tmp_path):
     assert "mapped_bytes" in text
     obdfuse("dump", out, tmp_path / "disk.img")
     assert (tmp_path / "disk.img").read_bytes() == model
+    # The same layer, ZFile-compressed and tar-wrapped, reads back identically.
+    for extra, wrapping in [
+        (["--zfile"], "zfile"),
+        (["--zfile", "--algorithm", "zstd", "--block-size", "16K", "--tar"], "tar+zfile"),
+    ]:
+        wrapped = tmp_path / f"layer.{wrapping}"
+        obdfuse("layer", "commit", *extra, data, index, wrapped)
+        info = json.loads(obdfuse("layer", "info", "--json", wrapped).stdout)
+        assert info["wrapping"] == wrapping
+        assert info["lsmt_size"] == out.stat().st_size
+        obdfuse("dump", wrapped, tmp_path / "disk2.img")
+        assert (tmp_path / "disk2.img").read_bytes() == model
 
 
 def test_dump_with_an_upper_directory(samples, tmp_path):
@@ -130,6 +162,10 @@ def test_dump_with_an_upper_directory(samples, tmp_path):
         (["layer", "create", "--parent-uuid", "nope", "{d}", "{i}", "1M"], ["not a UUID"]),
         (["layer", "commit", "{d}", "{i}", "{o}"], ["does not exist"]),
         (["layer", "info", "{g}"], ["error:", "bad magic"]),
+        (
+            ["layer", "commit", "--zfile", "--block-size", "3K", "{g}", "{i}", "{o}"],
+            ["power of two"],
+        ),
         (["dump", "{g}", "{o}"], ["error:", "bad magic"]),
         (["dump", "{t}/missing", "{o}"], ["error:", "not a file"]),
         (["dump", "{c}", "{o}"], ["error:", "lowers[0]"]),
@@ -153,7 +189,39 @@ def test_cli_errors_are_one_clean_line(tmp_path, args, needles):
     assert not (tmp_path / "o").exists()
 
 
-def test_create_refuses_to_overwrite(tmp_path):
+def test_create_and_commit_refuse_to_overwrite(tmp_path):
     obdfuse("layer", "create", tmp_path / "d", tmp_path / "i", "1M")
     proc = obdfuse("layer", "create", tmp_path / "d", tmp_path / "i", "1M", ok=False)
     assert_clean_error(proc, "File exists")
+    out = tmp_path / "out"
+    out.write_text("precious")
+    proc = obdfuse("layer", "commit", tmp_path / "d", tmp_path / "i", out, ok=False)
+    assert_clean_error(proc, "exists", "--force")
+    assert out.read_text() == "precious"
+    obdfuse("layer", "commit", "--force", tmp_path / "d", tmp_path / "i", out)
+    assert out.stat().st_size == 8192
+
+
+def test_merge_flattens_a_stack(tmp_path):
+    """`layer merge` of a two-layer image gives one layer with the same disk."""
+    rng = random.Random(9)
+    model = bytearray(16 * MIB)
+    lowers = []
+    for name in ("bottom", "top"):
+        data, index = tmp_path / f"{name}.data", tmp_path / f"{name}.index"
+        obdfuse("layer", "create", data, index, "16M")
+        rw = WritableLayer.open(data, index)
+        apply_ops(rw, model, random_ops(rng, 16 * MIB, 60), rng)
+        rw.close()
+        obdfuse("layer", "commit", data, index, tmp_path / f"{name}.commit")
+        lowers.append({"file": f"{name}.commit"})
+    config = tmp_path / "config.v1.json"
+    config.write_text(json.dumps({"lowers": lowers}))
+    obdfuse("layer", "merge", config, tmp_path / "merged")
+    info = json.loads(obdfuse("layer", "info", "--json", tmp_path / "merged").stdout)
+    assert info["wrapping"] == "zfile"
+    assert info["uuid"] == "00000000-0000-0000-0000-000000000000"
+    with open(tmp_path / "merged", "rb") as f:
+        assert f.read(40)[32] == 0x13  # ZFile header not overwritten, as overlaybd-merge
+    obdfuse("dump", tmp_path / "merged", tmp_path / "flat.img")
+    assert (tmp_path / "flat.img").read_bytes() == model

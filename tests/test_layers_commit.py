@@ -20,21 +20,28 @@ from tests.support.layers import apply_ops, random_ops
 MIB = 1 << 20
 
 
-def test_recommit_of_sealed_sample_is_byte_identical(samples, tmp_path):
-    """`overlaybd-commit --commit_sealed` of l1.commit reproduces it."""
+SAMPLE_COMMITS = [("l1.commit", False), ("l1.commit.lz4.zfile", True)]
+
+
+@pytest.mark.parametrize(("expected", "zfile"), SAMPLE_COMMITS)
+def test_recommit_of_sealed_sample_is_byte_identical(samples, tmp_path, expected, zfile):
+    """`overlaybd-commit [-z] --commit_sealed` of l1.commit reproduces the samples."""
     src = samples / "layers" / "l1.commit"
 
     async def go():
         layer = await open_layer(FileBlob(src))
-        await commit_layer(layer, tmp_path / "out", CommitOptions(uuid=layer.uuid))
+        await commit_layer(layer, tmp_path / "out", CommitOptions(uuid=layer.uuid, zfile=zfile))
         await layer.aclose()
 
     trio.run(go)
-    assert (tmp_path / "out").read_bytes() == src.read_bytes()
+    assert (tmp_path / "out").read_bytes() == (samples / "layers" / expected).read_bytes()
 
 
-def test_rw_layer_with_the_samples_mappings_commits_to_the_sample(samples, tmp_path):
-    """An RW layer whose index equals l1.commit's commits to l1.commit byte for byte."""
+@pytest.mark.parametrize(("expected", "zfile"), SAMPLE_COMMITS)
+def test_rw_layer_with_the_samples_mappings_commits_to_the_sample(
+    samples, tmp_path, expected, zfile
+):
+    """An RW layer whose index equals l1.commit's commits to the samples byte for byte."""
     src = samples / "layers" / "l1.commit"
 
     async def go():
@@ -48,12 +55,12 @@ def test_rw_layer_with_the_samples_mappings_commits_to_the_sample(samples, tmp_p
             off, n, mo = int(segs.offset[k]), int(segs.length[k]), int(segs.moffset[k])
             rw.write(off * 512, await sealed.read_sectors(mo, n))
         rw.flush()
-        await commit_layer(rw, tmp_path / "out", CommitOptions(uuid=sealed.uuid))
+        await commit_layer(rw, tmp_path / "out", CommitOptions(uuid=sealed.uuid, zfile=zfile))
         rw.close()
         await sealed.aclose()
 
     trio.run(go)
-    assert (tmp_path / "out").read_bytes() == src.read_bytes()
+    assert (tmp_path / "out").read_bytes() == (samples / "layers" / expected).read_bytes()
 
 
 def check_commit_structure(raw: bytes) -> np.ndarray:

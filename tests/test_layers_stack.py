@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +23,7 @@ from tests.support.layers import apply_ops, commit_to, random_ops
 
 SIZE = 1 << 20
 
-COMMIT_KINDS = ["plain"]
+COMMIT_KINDS = ["plain", "lz4", "zstd", "lz4+tar", "plain+tar"]
 
 
 async def build_stack(tmp: Path, seeds: list[int], kinds: list[str]):
@@ -36,8 +37,15 @@ async def build_stack(tmp: Path, seeds: list[int], kinds: list[str]):
         apply_ops(rw, model, random_ops(rng, SIZE, rng.randint(1, 40)), rng)
         live = Stack(lowers, rw)
         assert await live.pread(0, SIZE) == model
-        options = {"zfile": kind != "plain", "algorithm": kind if kind != "plain" else "lz4"}
-        lowers.append(await commit_to(rw, tmp / f"l{i}", **options))
+        algorithm, _, tar = kind.partition("+")
+        options = {
+            "zfile": algorithm != "plain",
+            "algorithm": "lz4" if algorithm == "plain" else algorithm,
+            "tar": bool(tar),
+        }
+        layer = await commit_to(rw, tmp / f"l{i}", **options)
+        assert layer.wrapping == [w for w in ("tar", "zfile") if options[w]]
+        lowers.append(layer)
         rw.close()
     return Stack(lowers), model
 
@@ -158,3 +166,132 @@ def test_merged_index_prefers_the_top_layer(tmp_path):
         b.close()
 
     trio.run(go)
+
+
+class SlowBlob:
+    """A Blob wrapper that records how many reads are in flight at once."""
+
+    def __init__(self, inner, stats: dict) -> None:
+        self.inner, self.name, self.stats = inner, inner.name, stats
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self.stats["now"] += 1
+        self.stats["max"] = max(self.stats["max"], self.stats["now"])
+        await trio.sleep(0.01)
+        self.stats["now"] -= 1
+        return await self.inner.pread(offset, length)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_parallel_reads_fetch_runs_of_several_layers_at_once(tmp_path, parallel):
+    async def go():
+        stack, model = await build_stack(tmp_path, [31, 32, 33], ["plain"] * 3)
+        stats = {"now": 0, "max": 0}
+        for layer in stack.lowers:
+            layer.blob = SlowBlob(layer.blob, stats)
+        stack.parallel_reads = parallel
+        assert await stack.pread(0, SIZE) == model
+        assert (stats["max"] > 1) == parallel
+        await stack.aclose()
+
+    trio.run(go)
+
+
+def test_contiguous_segments_are_read_with_one_blob_read(tmp_path):
+    """A read over several index entries that are contiguous in one layer is one pread."""
+
+    async def go():
+        rw = WritableLayer.create(tmp_path / "d", tmp_path / "i", 64 << 20)
+        payload = random.Random(4).randbytes(20 << 20)
+        rw.write(0, payload)
+        layer = await commit_to(rw, tmp_path / "l")
+        rw.close()
+        assert len(layer.segments) >= 3  # entries are at most 16382 sectors
+        calls = []
+        inner_pread = layer.blob.pread
+
+        async def counting_pread(offset, length):
+            calls.append((offset, length))
+            return await inner_pread(offset, length)
+
+        layer.blob.pread = counting_pread
+        stack = Stack([layer])
+        assert await stack.pread(1000, 19 << 20) == payload[1000 : 1000 + (19 << 20)]
+        assert len(calls) == 1
+        await stack.aclose()
+
+    trio.run(go)
+
+
+def test_concurrent_unaligned_and_aligned_writes_lose_nothing(tmp_path):
+    """Read-modify-write must not overwrite a write that lands while it awaits its read."""
+
+    async def go():
+        base = WritableLayer.create(tmp_path / "bd", tmp_path / "bi", SIZE)
+        base.write(0, b"o" * 4096)
+        lower = await commit_to(base, tmp_path / "l")
+        base.close()
+        lower.blob = SlowBlob(lower.blob, {"now": 0, "max": 0})  # RMW reads yield
+        rw = WritableLayer.create(tmp_path / "ud", tmp_path / "ui", SIZE)
+        stack = Stack([lower], rw)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stack.pwrite, 100, b"a" * 10)  # unaligned: RMW of sector 0
+            await trio.testing.wait_all_tasks_blocked()  # ... now waiting for its read
+            await stack.pwrite(0, b"b" * 512)  # aligned write to the same sector
+        got = await stack.pread(0, 512)
+        # The aligned write came second: it must not be undone by the stale RMW.
+        assert got == b"b" * 512
+        await stack.aclose()
+
+    trio.run(go)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, 2**32), min_size=1, max_size=4))
+def test_sparse_uppers_over_lowers_after_reopen(seeds):
+    """Sparse layers: writes land in place; after reopen a discarded range is simply
+    unmapped and shows the layers below (overlaybd's behaviour, §3.7)."""
+    block = 4096
+
+    async def go(tmp: Path):
+        model = bytearray(SIZE)
+        lowers = []
+        for i, seed in enumerate(seeds):
+            rng = random.Random(seed)
+            rw = WritableLayer.create(tmp / f"d{i}", tmp / f"i{i}", SIZE, sparse=True)
+            mine = bytearray(SIZE)
+            mapped = bytearray(SIZE // block)
+            for _ in range(rng.randint(1, 30)):
+                first = rng.randrange(SIZE // block)
+                n = rng.randint(1, min(16, SIZE // block - first))
+                off, length = first * block, n * block
+                if rng.random() < 0.3:
+                    rw.discard(off, length)
+                    mapped[first : first + n] = bytes(n)
+                else:
+                    data = rng.randbytes(length)
+                    rw.write(off, data)
+                    mine[off : off + length] = data
+                    mapped[first : first + n] = b"\1" * n
+            rw.close()
+            for k, m in enumerate(mapped):
+                if m:
+                    model[k * block : (k + 1) * block] = mine[k * block : (k + 1) * block]
+            reopened = WritableLayer.open(tmp / f"d{i}", tmp / f"i{i}")
+            live = Stack(lowers, reopened)
+            assert await live.pread(0, SIZE) == model
+            lowers.append(await commit_to(reopened, tmp / f"l{i}"))
+            reopened.close()
+        stack = Stack(lowers)
+        assert await stack.pread(0, SIZE) == model
+        await stack.aclose()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trio.run(go, Path(tmp))

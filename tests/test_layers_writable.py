@@ -223,3 +223,50 @@ async def open_image_dir(upper, size):
     config = upper.parent / "config.v1.json"
     config.write_text('{"lowers": []}')
     return await open_image(config, upper=upper, size=size)
+
+
+CHILD = """
+import sys
+from obdfuse.layers.writable import WritableLayer
+layer = WritableLayer.create(sys.argv[1], sys.argv[2], 64 << 20)
+i = 0
+while True:
+    layer.write(i * 4096, bytes([i % 251 + 1]) * 4096)
+    i += 1
+    if i % 50 == 0:
+        layer.flush()
+        print(i, flush=True)
+"""
+
+
+def test_kill_9_keeps_flushed_writes_and_never_returns_wrong_bytes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path / "d"), str(tmp_path / "i")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        flushed = 0
+        while flushed < 500:
+            line = proc.stdout.readline()
+            assert line, "child died"
+            flushed = int(line)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    layer = WritableLayer.open(tmp_path / "d", tmp_path / "i")
+    disk = read_all(layer)
+    layer.close()
+    i = 0
+    while True:
+        block = disk[i * 4096 : (i + 1) * 4096]
+        if block != bytes([i % 251 + 1]) * 4096:
+            break
+        i += 1
+    assert i >= flushed  # every flushed write survived
+    assert disk[i * 4096 :] == bytes(len(disk) - i * 4096)  # the rest: nothing, not garbage

@@ -281,3 +281,50 @@ def test_wrong_original_size_is_caught_by_length_check(good) -> None:
 def test_unsupported_algorithm(good) -> None:
     with pytest.raises(FormatError, match="unsupported compression algorithm 0"):
         read_all(patch_slot(good, -512, algorithm=0))
+
+
+def test_last_block_longer_than_the_file_says() -> None:
+    """A last block that decodes to a full block when the sizes promise less is corrupt."""
+    zf = make_zfile(os.urandom(8192), seekable=False)
+    bad = patch_slot(zf, -512, original_file_size=8000)
+    with pytest.raises(
+        CorruptDataError, match=r"block 1 .*decompressed to 4096 bytes, expected 3904"
+    ):
+        read_all(bad)
+
+    async def small_read() -> None:
+        reader = await ZFileReader.open(BytesBlob(bad, name="mem.zfile"))
+        with pytest.raises(CorruptDataError, match="expected 3904"):
+            await reader.pread(4096, 10)
+
+    trio.run(small_read)
+
+
+def test_one_reader_shared_by_threads(tmp_path) -> None:
+    """The daemon may decode in worker threads: the block cache must stay consistent."""
+    import threading
+
+    data = os.urandom(4096 * 64)
+    path = tmp_path / "shared.zfile"
+    path.write_bytes(make_zfile(data))
+    reader = trio.run(ZFileReader.open, FileBlob(path))
+    failures: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+
+        async def reads() -> None:
+            for _ in range(1500):
+                off = rng.randrange(len(data))
+                n = rng.choice([1, 100, 4096, 9000])
+                if await reader.pread(off, n) != data[off : off + n]:
+                    failures.append(f"wrong bytes at {off}+{n}")
+
+        trio.run(reads)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

@@ -205,3 +205,20 @@ def test_failed_write_leaves_no_trailer() -> None:
 def test_bad_parameters(kw, message) -> None:
     with pytest.raises(ObdfuseError, match=message):
         ZFileWriter(io.BytesIO(), **kw)
+
+
+def test_append_mode_output_gets_the_streaming_form(tmp_path) -> None:
+    """Seeking back is impossible with O_APPEND: the header must not be rewritten."""
+    path = tmp_path / "appended"
+    path.write_bytes(b"prefix")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    with os.fdopen(fd, "wb") as f:  # mode says "wb", the fd says append
+        assert not writer_mod.can_rewrite(f)
+        with ZFileWriter(f) as w:
+            w.write(b"data" * 3000)
+    out = path.read_bytes()
+    assert out[:6] == b"prefix"
+    assert decode_slot(out[6:518]).flags == FLAGS_INITIAL_HEADER
+    assert read_all(out[6:]) == b"data" * 3000
+    with open(tmp_path / "plain", "wb") as f:
+        assert writer_mod.can_rewrite(f)

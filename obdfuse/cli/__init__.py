@@ -20,7 +20,13 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("obdfuse.cli.zfile_cmd", "zfile"),
     ("obdfuse.cli.layer_cmd", "layer"),
     ("obdfuse.cli.dump_cmd", "dump"),
+    ("obdfuse.cli.mount_cmd", "mount"),
+    ("obdfuse.cli.mount_cmd", "umount"),
+    ("obdfuse.cli.push_cmd", "push"),
+    ("obdfuse.cli.stat_cmd", "stat"),
     ("obdfuse.cli.iscsi_cmd", "iscsi"),
+    ("obdfuse.cli.convert_cmd", "convert"),
+    ("obdfuse.cli.convert_cmd", "build"),
 ]
 
 

@@ -54,6 +54,7 @@ def create(
 @click.option("--uuid", help="UUID of the committed layer (default: the null UUID).")
 @click.option("--parent-uuid", help="Parent UUID (default: the writable layer's parent).")
 @click.option("-m", "--message", default="", help="Commit message (user tag, ≤ 256 bytes).")
+@click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("index", type=_PATH)
 @click.argument("out", type=_PATH)
@@ -65,11 +66,14 @@ def commit(
     uuid: str | None,
     parent_uuid: str | None,
     message: str,
+    force: bool,
     data: Path,
     index: Path,
     out: Path,
 ) -> None:
     """Commit the writable layer DATA + INDEX into a sealed layer OUT."""
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} exists (use --force to replace it)")
     from obdfuse.layers.commit import CommitOptions, commit_layer
     from obdfuse.layers.writable import WritableLayer
 
@@ -94,6 +98,41 @@ def commit(
         size = trio.run(commit_layer, src, out, options)
     finally:
         src.close()
+    click.echo(f"{out}: {size} bytes", err=True)
+
+
+@layer.command()
+@click.option(
+    "--compress/--no-compress",
+    default=True,
+    show_default=True,
+    help="ZFile (LZ4, 4K) output, as overlaybd-merge.",
+)
+@click.option("--tar", "-t", "use_tar", is_flag=True, help="Wrap the result in a tar.")
+@click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
+@click.argument("image")
+@click.argument("out", type=_PATH)
+def merge(compress: bool, use_tar: bool, force: bool, image: str, out: Path) -> None:
+    """Flatten every layer of IMAGE (config.v1.json or layer) into one layer OUT.
+
+    Like overlaybd-merge: null uuid, the bottom layer's parent, entries tagged with
+    the level they came from (0 = top).
+    """
+    from obdfuse.image import open_image
+    from obdfuse.layers.commit import CommitOptions, commit_layer
+
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} exists (use --force to replace it)")
+    options = CommitOptions(zfile=compress, tar=use_tar, overwrite_header=False)
+
+    async def run() -> int:
+        stack = await open_image(image, read_only=True)
+        try:
+            return await commit_layer(stack, out, options)
+        finally:
+            await stack.aclose()
+
+    size = trio.run(run)
     click.echo(f"{out}: {size} bytes", err=True)
 
 

@@ -21,6 +21,7 @@ from obdfuse.errors import ObdfuseError
 from obdfuse.tarwrap import PAX_PAYLOAD_OFFSET, build_header, build_trailer, write_wrapped
 from obdfuse.zfile import ALGORITHMS, ZFileReader, ZFileWriter
 from obdfuse.zfile.format import ALGORITHM_NAMES
+from obdfuse.zfile.writer import can_rewrite
 
 COPY_CHUNK = 4 << 20
 
@@ -74,13 +75,6 @@ def _compress_stream(
     return writer
 
 
-def _seekable(f: BinaryIO) -> bool:
-    try:
-        return f.seekable()
-    except (OSError, ValueError):
-        return False
-
-
 @zfile.command()
 @click.option(
     "--algorithm",
@@ -111,7 +105,7 @@ def compress(
     with _input_stream(src) as inp, _output(dst) as out:
         if not tar_wrap:
             writer = _compress_stream(inp, out, algorithm, block_size, not no_checksum)
-        elif _seekable(out):
+        elif can_rewrite(out):
             base = out.tell()
             out.write(bytes(PAX_PAYLOAD_OFFSET))
             writer = _compress_stream(inp, out, algorithm, block_size, not no_checksum)
@@ -189,9 +183,7 @@ def verify(src: str) -> None:
         for b in bad:
             click.echo(f"{src}: block {b.block} at offset {b.offset}: {b.reason}", err=True)
         listed = ", ".join(str(b.block) for b in bad[:20]) + (", ..." if len(bad) > 20 else "")
-        raise ObdfuseError(
-            f"{src}: {len(bad)} of {reader.n_blocks} ZFile blocks are bad: {listed}"
-        )
+        raise ObdfuseError(f"{src}: {len(bad)} of {reader.n_blocks} ZFile blocks are bad: {listed}")
     click.echo(f"{src}: all {reader.n_blocks} blocks OK ({what})")
 
 

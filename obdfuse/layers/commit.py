@@ -66,6 +66,7 @@ class CommitOptions:
     algorithm: str = "lz4"
     block_size: int = 4096
     tar: bool = False
+    overwrite_header: bool = True  # ZFile header 0x1B (commit -z); overlaybd-merge leaves 0x13
 
 
 def plan_commit(flat: Segments) -> tuple[Segments, int]:
@@ -175,6 +176,7 @@ async def commit_layer(
                     algorithm=options.algorithm,
                     block_size=options.block_size,
                     checksum=True,
+                    overwrite_header=options.overwrite_header,
                 )
             await write_lsmt(
                 source.commit_segments(),

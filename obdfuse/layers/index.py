@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from obdfuse.layers.segment import Segments, concat, empty_segments, make_segments
+from obdfuse.layers.segment import Segments, concat, empty_segments
 
 _BIG = np.int64(1 << 62)
 
@@ -24,13 +24,39 @@ DATA = 2  # data at (tag, moffset)
 class SegmentIndex:
     """An immutable index of sorted, non-overlapping mappings (sectors)."""
 
-    __slots__ = ("end", "segs")
+    __slots__ = ("_table", "end", "segs")
 
     def __init__(self, segs: Segments, *, check: bool = True) -> None:
         if check and len(segs) > 1 and (segs.end[:-1] > segs.offset[1:]).any():
             raise ValueError("segments are unsorted or overlap")
         self.segs = segs
         self.end = segs.end
+        self._table: np.ndarray | None = None
+
+    @property
+    def table(self) -> np.ndarray:
+        """Rows (offset, end, moffset, source) with source -1 for zeroed; built on first use.
+
+        One slice + tolist() of this gives a lookup everything it needs.
+        """
+        if self._table is None:
+            s = self.segs
+            source = np.where(s.zeroed, -1, s.tag.astype(np.int64))
+            self._table = np.column_stack((s.offset, self.end, s.moffset, source))
+        return self._table
+
+    def rows(self, start: int, end: int) -> list[list[int]]:
+        """[offset, end, moffset, source] of the mappings overlapping [start, end), untrimmed."""
+        i = int(self.end.searchsorted(start, side="right"))
+        table = self.table
+        k = 8
+        rows = table[i : i + k].tolist()
+        while len(rows) == k and rows[-1][0] < end:  # long reads: fetch more rows
+            k *= 4
+            rows = table[i : i + k].tolist()
+        while rows and rows[-1][0] >= end:
+            rows.pop()
+        return rows
 
     @classmethod
     def empty(cls) -> SegmentIndex:
@@ -166,6 +192,38 @@ def _paint(log: Segments) -> Segments:
     return Segments(start, stop - start, moff, zeroed, log.tag[w])
 
 
+def splice(index: SegmentIndex, offset: int, length: int, moffset: int, zeroed: bool) -> Segments:
+    """`index` with one new mapping laid over it (tag 0): O(log n) search + one copy."""
+    segs, ends = index.segs, index.end
+    stop = offset + length
+    i = int(ends.searchsorted(offset, side="right"))
+    j = int(segs.offset.searchsorted(stop, side="left"))
+    offs, lens, moffs, zers = [offset], [length], [moffset], [zeroed]
+    if i < j:
+        first_off = int(segs.offset[i])
+        if first_off < offset:  # keep the head of the first overlapped mapping
+            offs.insert(0, first_off)
+            lens.insert(0, offset - first_off)
+            moffs.insert(0, int(segs.moffset[i]))
+            zers.insert(0, bool(segs.zeroed[i]))
+        last_end = int(ends[j - 1])
+        if last_end > stop:  # keep the tail of the last one
+            z = bool(segs.zeroed[j - 1])
+            shift = 0 if z else stop - int(segs.offset[j - 1])
+            offs.append(stop)
+            lens.append(last_end - stop)
+            moffs.append(int(segs.moffset[j - 1]) + shift)
+            zers.append(z)
+    n = len(offs)
+    return Segments(
+        np.concatenate((segs.offset[:i], np.array(offs, dtype=np.int64), segs.offset[j:])),
+        np.concatenate((segs.length[:i], np.array(lens, dtype=np.int64), segs.length[j:])),
+        np.concatenate((segs.moffset[:i], np.array(moffs, dtype=np.int64), segs.moffset[j:])),
+        np.concatenate((segs.zeroed[:i], np.array(zers, dtype=bool), segs.zeroed[j:])),
+        np.concatenate((segs.tag[:i], np.zeros(n, dtype=np.uint8), segs.tag[j:])),
+    )
+
+
 class MutableSegmentIndex:
     """A writable layer's index: cheap single inserts, later wins.
 
@@ -182,8 +240,9 @@ class MutableSegmentIndex:
 
     def insert(self, offset: int, length: int, moffset: int, zeroed: bool = False) -> None:
         """Map sectors [offset, offset+length); overrides what was there."""
-        new = make_segments([offset], [length], [moffset], [zeroed])
-        self.pending = SegmentIndex(overlay(new, self.pending.segs), check=False)
+        self.pending = SegmentIndex(
+            splice(self.pending, offset, length, moffset, zeroed), check=False
+        )
         self.version += 1
         if len(self.pending) >= self.FOLD_AT:
             self.fold()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from obdfuse.blob import Blob, SliceBlob
+from obdfuse.blob import Blob
 from obdfuse.errors import FormatError
 from obdfuse.layers.header import (
     FLAG_DATA,
@@ -22,6 +22,8 @@ from obdfuse.layers.header import (
 )
 from obdfuse.layers.index import SegmentIndex
 from obdfuse.layers.segment import ENTRY_SIZE, SECTOR, Segments, decode
+from obdfuse.tarwrap import unwrap_tar
+from obdfuse.zfile import ZFileReader, is_zfile
 
 DATA_START_SECTOR = SLOT_SIZE // SECTOR  # 8: data never starts before the header ends
 
@@ -82,38 +84,16 @@ class SealedLayer:
 async def open_layer(blob: Blob) -> SealedLayer:
     """Open a layer blob: [tar wrapper] → [ZFile] → sealed LSMT (§4.2)."""
     wrapping: list[str] = []
-    view = blob
-    head = await view.pread(0, 2048)
-    payload = _parse_tar(head)
-    if payload is not None:
-        start, size = payload
-        view = SliceBlob(view, start, size, name=f"{blob.name}[tar payload]")
+    view = await unwrap_tar(blob)
+    if view is not blob:
         wrapping.append("tar")
-        head = await view.pread(0, 512)
-    zfile = _zfile_module()
-    if zfile is not None and zfile.is_zfile(head[:512]):
-        view = await zfile.ZFileReader.open(view)
+    if is_zfile(await view.pread(0, 512)):
+        view = await ZFileReader.open(view, unwrap=False)
         wrapping.append("zfile")
     layer = await open_sealed(view)
     layer.wrapping = wrapping
     layer.outer = blob
     return layer
-
-
-def _parse_tar(head: bytes) -> tuple[int, int] | None:
-    try:
-        from obdfuse import tarwrap
-    except ImportError:  # pragma: no cover - until the tar wrapper lands
-        return None
-    return tarwrap.parse_wrapper(head)
-
-
-def _zfile_module():
-    try:
-        from obdfuse import zfile
-    except ImportError:  # pragma: no cover
-        return None
-    return zfile if hasattr(zfile, "ZFileReader") else None
 
 
 async def open_sealed(blob: Blob) -> SealedLayer:

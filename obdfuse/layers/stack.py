@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import trio
 
 from obdfuse.blob import clamp
-from obdfuse.errors import FormatError
+from obdfuse.errors import FormatError, ObdfuseError
 from obdfuse.layers.index import SegmentIndex, merge_stack, overlay
 from obdfuse.layers.sealed import SealedLayer
 from obdfuse.layers.segment import SECTOR, Segments
@@ -39,17 +40,24 @@ class Stack:
         upper: WritableLayer | None = None,
         *,
         read_only: bool | None = None,
+        parallel_reads: bool = False,
     ) -> None:
+        """`parallel_reads`: fetch the runs of one read concurrently (trio tasks); worth it
+        when layers are remote, a waste of task overhead for local files."""
         if len(lowers) > MAX_STACK_LAYERS:
             raise FormatError(f"{len(lowers)} layers exceed the limit of {MAX_STACK_LAYERS}")
         self.lowers = list(lowers)
         self.upper = upper
+        self.parallel_reads = parallel_reads
+        self._write_lock = trio.Lock()
+        self._rmw_active = 0
         self._read_only = upper is None or upper.read_only if read_only is None else read_only
         if not self._read_only and upper is None:
-            raise ValueError("a writable stack needs an upper layer")
+            raise ObdfuseError("a writable image needs an upper (writable) layer")
         self.merged = merge_stack(
             [layer.segments.with_tag(i) for i, layer in reversed(list(enumerate(self.lowers)))]
         )
+        _ = self.merged.table  # build the lookup table now, not on the first read
         self._size = self._virtual_size()
         self._alloc_cache: tuple[int, int] | None = None
 
@@ -89,9 +97,18 @@ class Stack:
                 data = await self._source_read(tag, moff, count)
                 return data if skip == 0 and len(data) == n else data[skip : skip + n]
         buf = bytearray((s1 - s0) * SECTOR)
-        for start, count, tag, moff in runs:
+
+        async def fill(start: int, count: int, tag: int, moff: int) -> None:
             pos = (start - s0) * SECTOR
             buf[pos : pos + count * SECTOR] = await self._source_read(tag, moff, count)
+
+        if self.parallel_reads and len(runs) > 1:
+            async with trio.open_nursery() as nursery:
+                for run in runs:
+                    nursery.start_soon(fill, *run)
+        else:
+            for run in runs:
+                await fill(*run)
         if skip == 0 and len(buf) == n:
             return bytes(buf)
         return bytes(memoryview(buf)[skip : skip + n])
@@ -103,13 +120,21 @@ class Stack:
             raise ValueError(f"write {offset}+{length} outside the disk of {self._size} bytes")
         if length == 0:
             return
-        if offset % SECTOR or length % SECTOR:
-            s0 = offset // SECTOR * SECTOR
-            s1 = -(-(offset + length) // SECTOR) * SECTOR
-            merged = bytearray(await self.pread(s0, s1 - s0))
-            merged[offset - s0 : offset - s0 + length] = data
-            offset, data = s0, bytes(merged)
-        upper.write(offset, data)
+        if not (offset % SECTOR or length % SECTOR):
+            await self._aligned(upper.write, offset, data)
+            return
+        # Read-modify-write of the partial sectors. Serialised with every other write
+        # while it awaits its read, so no write can land in between and be lost.
+        async with self._write_lock:
+            self._rmw_active += 1
+            try:
+                s0 = offset // SECTOR * SECTOR
+                s1 = -(-(offset + length) // SECTOR) * SECTOR
+                merged = bytearray(await self.pread(s0, s1 - s0))
+                merged[offset - s0 : offset - s0 + length] = data
+                upper.write(s0, merged)
+            finally:
+                self._rmw_active -= 1
 
     async def discard(self, offset: int, length: int) -> None:
         upper = self._writable_upper()
@@ -122,9 +147,17 @@ class Stack:
             return
         if offset < a:
             await self.pwrite(offset, bytes(a - offset))
-        upper.discard(a, b - a)
+        await self._aligned(upper.discard, a, b - a)
         if offset + length > b:
             await self.pwrite(b, bytes(offset + length - b))
+
+    async def _aligned(self, op, offset: int, arg) -> None:
+        """Run a synchronous aligned write/discard, after any read-modify-write in flight."""
+        if self._rmw_active:
+            async with self._write_lock:
+                op(offset, arg)
+        else:
+            op(offset, arg)
 
     async def flush(self) -> None:
         if self.upper is not None and not self._read_only:
@@ -238,29 +271,24 @@ def _collect(
     """Append pieces of `index` inside `gaps` to `out`; return what is still unmapped.
 
     Zeroed mappings produce pieces with tag -1 so they hide lower layers.
+    `tag` overrides the index's own source tags (for the upper layer).
     """
-    segs = index.segs
     left: list[tuple[int, int]] = []
     for g0, g1 in gaps:
-        i, j = index.find(g0, g1)
-        if i == j:
+        rows = index.rows(g0, g1)
+        if not rows:
             left.append((g0, g1))
             continue
-        offs = segs.offset[i:j].tolist()
-        ends = index.end[i:j].tolist()
-        moffs = segs.moffset[i:j].tolist()
-        zeroed = segs.zeroed[i:j].tolist()
-        tags = segs.tag[i:j].tolist() if tag is None else None
         pos = g0
-        for k in range(j - i):
-            a = max(offs[k], g0)
-            b = min(ends[k], g1)
+        for off, end, moff, source in rows:
+            a = off if off > g0 else g0
+            b = end if end < g1 else g1
             if a > pos:
                 left.append((pos, a))
-            if zeroed[k]:
+            if source < 0:
                 out.append((a, b - a, -1, 0))
             else:
-                out.append((a, b - a, tag if tags is None else tags[k], moffs[k] + a - offs[k]))
+                out.append((a, b - a, source if tag is None else tag, moff + a - off))
             pos = b
         if pos < g1:
             left.append((pos, g1))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,12 @@ from obdfuse.layers.segment import (
     SECTOR,
     Segments,
     decode,
-    encode,
     make_segments,
 )
 
 log = logging.getLogger(__name__)
 
+_ENTRY = struct.Struct("<QQ")  # one SegmentMapping (lo, hi), tag 0 (§3.3)
 MAX_IO_SIZE = 4 << 20  # writes are split into 4 MiB pieces (§3.5)
 HEADER_SECTORS = SLOT_SIZE // SECTOR
 
@@ -147,7 +148,7 @@ class WritableLayer:
             if data_hdr.flags & FLAG_SEALED:
                 raise FormatError(f"{data_path}: is a sealed layer, not a writable one")
             if data_hdr.is_sparse:
-                index = MutableSegmentIndex(_sparse_extents(data_fd, data_path))
+                index = MutableSegmentIndex(_sparse_extents(data_fd))
                 if index_path is not None and Path(index_path).exists():
                     index_fd = os.open(index_path, mode | os.O_CLOEXEC)
                 return cls(
@@ -170,7 +171,7 @@ class WritableLayer:
                 raise FormatError(
                     f"{index_path}: uuid {hdr.uuid} does not match data file uuid {data_hdr.uuid}"
                 )
-            index = MutableSegmentIndex(resolve_log(segs))
+            index = MutableSegmentIndex(resolve_log(segs.with_tag(0)))  # tags: ignore on read
             return cls(data_path, index_path, data_fd, index_fd, hdr, index, read_only=read_only)
         except BaseException:
             os.close(data_fd)
@@ -279,7 +280,7 @@ class WritableLayer:
         return self.index.flat().data_sectors() * SECTOR
 
     def _append_log(self, offset: int, length: int, moffset: int, *, zeroed: bool) -> None:
-        entry = encode(make_segments([offset], [length], [moffset], [zeroed]))
+        entry = _ENTRY.pack(offset | (length << 50), moffset | (int(zeroed) << 55))
         assert self._index_fd is not None
         _pwrite_all(self._index_fd, entry, self._index_end)
         self._index_end += ENTRY_SIZE
@@ -369,7 +370,7 @@ def _load_index_log(
     return hdr, segs
 
 
-def _sparse_extents(fd: int, path: Path) -> Segments:
+def _sparse_extents(fd: int) -> Segments:
     """Mappings of a sparse data file's allocated extents past its header (§3.7)."""
     size = os.fstat(fd).st_size
     starts: list[int] = []
@@ -396,5 +397,4 @@ def _sparse_extents(fd: int, path: Path) -> Segments:
     k = np.arange(int(counts.sum())) - (np.cumsum(counts) - counts)[owner]
     begin = s[owner] + k * MAX_LENGTH
     length = np.minimum(e[owner] - begin, MAX_LENGTH)
-    del path
     return make_segments(begin - HEADER_SECTORS, length, begin)

@@ -12,7 +12,7 @@ from obdfuse.zfile.format import (
     is_zfile,
 )
 from obdfuse.zfile.reader import BadBlock, ZFileReader
-from obdfuse.zfile.writer import ZFileWriter
+from obdfuse.zfile.writer import UpstreamLimitError, ZFileWriter
 
 __all__ = [
     "ALGORITHMS",
@@ -20,6 +20,7 @@ __all__ = [
     "WRITER_BLOCK_SIZES",
     "BadBlock",
     "HeaderTrailer",
+    "UpstreamLimitError",
     "ZFileReader",
     "ZFileWriter",
     "is_zfile",

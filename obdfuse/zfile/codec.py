@@ -40,41 +40,46 @@ class CodecError(CorruptDataError):
 
 
 # --- decompression (hot path) ----------------------------------------------------------------
+#
+# `RAW_DECOMPRESSORS` are the bare callables the reader's inner loop calls: they may raise any
+# exception on corrupt input (the reader turns it into a CorruptDataError naming the block).
+# `DECOMPRESSORS` wrap them with clear CodecError messages for everyone else.
 
-_lz4_decompress = lz4.block.decompress
-_LZ4Error = lz4.block.LZ4BlockError
-
-
-def decompress_lz4(stored: bytes | memoryview, capacity: int) -> bytes:
-    """Decode a raw LZ4 block into at most `capacity` bytes."""
-    try:
-        return _lz4_decompress(stored, uncompressed_size=capacity)
-    except _LZ4Error as exc:
-        raise CodecError(f"LZ4 block does not decode into {capacity} bytes") from exc
-
-
+_lz4_decompress = lz4.block.decompress  # positional capacity: (source, uncompressed_size)
 _zstd_local = threading.local()
 _zstd_content_size = zstandard.frame_content_size
-_ZstdError = zstandard.ZstdError
 
 
-def decompress_zstd(stored: bytes | memoryview, capacity: int) -> bytes:
-    """Decode one zstd frame, refusing frames that announce more than `capacity` bytes."""
-    try:
-        announced = _zstd_content_size(stored)
-    except _ZstdError as exc:
-        raise CodecError(f"not a zstd frame: {exc}") from exc
-    if announced > capacity:
-        raise CodecError(f"zstd frame announces {announced} bytes, more than {capacity}")
+def _zstd_raw(stored: bytes | memoryview, capacity: int) -> bytes:
+    # python-zstandard allocates the size a frame announces: refuse oversized claims first
+    if _zstd_content_size(stored) > capacity:
+        raise CodecError(f"zstd frame announces more than {capacity} bytes")
     dctx = getattr(_zstd_local, "dctx", None)
     if dctx is None:
         dctx = _zstd_local.dctx = zstandard.ZstdDecompressor()
-    try:
-        return dctx.decompress(stored, max_output_size=capacity)
-    except _ZstdError as exc:
-        raise CodecError(f"zstd frame does not decode: {exc}") from exc
+    return dctx.decompress(stored, max_output_size=capacity)
 
 
+RAW_DECOMPRESSORS: dict[int, Decompress] = {ALGO_LZ4: _lz4_decompress, ALGO_ZSTD: _zstd_raw}
+
+
+def _checked(algorithm: int) -> Decompress:
+    raw = RAW_DECOMPRESSORS[algorithm]
+    label = ALGORITHM_NAMES[algorithm]
+
+    def decompress(stored: bytes | memoryview, capacity: int) -> bytes:
+        try:
+            return raw(stored, capacity)
+        except CodecError:
+            raise
+        except Exception as exc:
+            raise CodecError(f"{label} block does not decode into {capacity} bytes: {exc}") from exc
+
+    return decompress
+
+
+decompress_lz4 = _checked(ALGO_LZ4)
+decompress_zstd = _checked(ALGO_ZSTD)
 DECOMPRESSORS: dict[int, Decompress] = {ALGO_LZ4: decompress_lz4, ALGO_ZSTD: decompress_zstd}
 
 
@@ -144,17 +149,31 @@ def _system_zstd() -> Compress | None:
     string_at = ctypes.string_at
     is_error = lib.ZSTD_isError
 
+    lib.ZSTD_freeCCtx.argtypes = [ctypes.c_void_p]
+
+    class _Context:
+        """A ZSTD_CCtx owned by one thread, freed when the thread's locals go away."""
+
+        def __init__(self) -> None:
+            self.ptr = lib.ZSTD_createCCtx()
+            if not self.ptr:
+                raise MemoryError("ZSTD_createCCtx failed")
+
+        def __del__(self) -> None:
+            if self.ptr:
+                lib.ZSTD_freeCCtx(self.ptr)
+                self.ptr = None
+
     def compress(data: bytes) -> bytes:
-        cctx = getattr(local, "cctx", None)
-        if cctx is None:
-            # one context per thread, kept for the thread's life (a few hundred KiB)
-            cctx = local.cctx = lib.ZSTD_createCCtx()
+        ctx = getattr(local, "ctx", None)
+        if ctx is None:
+            ctx = local.ctx = _Context()
             local.buf = ctypes.create_string_buffer(65536 + 65536 // 128 + 1024)
         buf = local.buf
         n = len(data)
         if n + n // 128 + 1024 > len(buf):
             buf = local.buf = ctypes.create_string_buffer(n + n // 128 + 1024)
-        out = fn(cctx, buf, len(buf), data, n, ZSTD_LEVEL)
+        out = fn(ctx.ptr, buf, len(buf), data, n, ZSTD_LEVEL)
         if is_error(out):
             raise ObdfuseError(f"libzstd failed to compress a {n}-byte block")
         return string_at(buf, out)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from itertools import pairwise
 
-from obdfuse.blob import Blob, SliceBlob
-from obdfuse.crc import crc_salt, salted_block_ok
+from crc32c import crc32c as _std_crc32c
+
+from obdfuse.blob import Blob, FileBlob, SliceBlob
+from obdfuse.crc import SALT, crc_salt, salted_block_ok
 from obdfuse.errors import CorruptDataError, FormatError
 from obdfuse.tarwrap import HEAD_SIZE, parse_wrapper
-from obdfuse.zfile.codec import DECOMPRESSORS, CodecError
+from obdfuse.zfile.codec import DECOMPRESSORS, RAW_DECOMPRESSORS, CodecError
 from obdfuse.zfile.format import (
     CHECKSUM_SIZE,
     INDEX_ENTRY_SIZE,
@@ -34,6 +37,8 @@ from obdfuse.zfile.format import (
 #: Bytes read from the end of a trailer-based file in one go: the trailer and, for
 #: files up to ~16k blocks, the whole index (saves a round trip on remote blobs).
 TAIL_PREFETCH = 64 * 1024 + SLOT_SIZE
+_SALT_STD = SALT ^ 0xFFFFFFFF  # crc_salt's seed in the crc32c package's convention
+_RESIDUE_STD = 0xFFFFFFFF  # a block followed by its raw CRC leaves this residue (see crc.py)
 #: Stored bytes checked per read by `verify_all`.
 VERIFY_CHUNK = 4 << 20
 
@@ -76,9 +81,13 @@ class ZFileReader:
         self._offsets = table.offsets
         self._strip = CHECKSUM_SIZE if ht.verify else 0
         self._decompress = DECOMPRESSORS[ht.algorithm]
+        self._raw_decompress = RAW_DECOMPRESSORS[ht.algorithm]
         self._tail = self._size - (self._n - 1) * self._bs if self._n else 0
-        self._cached_no = -1
-        self._cached: bytes = b""
+        # (block number, bytes) of the last decoded block; one tuple so that concurrent
+        # readers (threads) can never pair a block number with another block's bytes
+        self._cached: tuple[int, bytes] = (-1, b"")
+        # FileBlob offers a blocking pread for data that is on local disk (page cache)
+        self._sync_pread = inner.pread_sync if isinstance(inner, FileBlob) else None
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -171,7 +180,7 @@ class ZFileReader:
         return self.inner.size
 
     async def aclose(self) -> None:
-        self._cached = b""
+        self._cached = (-1, b"")
         await self.inner.aclose()
 
     async def pread(self, offset: int, length: int) -> bytes:
@@ -187,28 +196,40 @@ class ZFileReader:
         first = offset >> shift
         last = (end - 1) >> shift
         lo = offset - (first << shift)
-        if first == last and first == self._cached_no:
-            block = self._cached
+        cached_no, block = self._cached
+        if first == last and first == cached_no:
             return (
                 block if lo == 0 and end - offset == len(block) else block[lo : lo + end - offset]
             )
         offsets = self._offsets
         start = offsets[first]
         stop = offsets[last + 1]
-        raw = await self.inner.pread(start, stop - start)
+        sync_pread = self._sync_pread
+        if sync_pread is not None:  # local files: skip a coroutine per call
+            raw = sync_pread(start, stop - start)
+        else:
+            raw = await self.inner.pread(start, stop - start)
         if len(raw) != stop - start:
             raise FormatError(
                 f"{self.name}: short read of ZFile blocks {first}..{last} at offset "
                 f"{self.blob_offset + start} ({len(raw)} of {stop - start} bytes; truncated?)"
             )
-        if first == last:
-            block = self._decode(first, memoryview(raw), 0, stop - start)
-            self._cached_no = first
-            self._cached = block
-            return (
-                block if lo == 0 and end - offset == len(block) else block[lo : lo + end - offset]
-            )
-        return self._decode_run(first, last, raw, start, lo, end - ((last) << shift))
+        if first == last:  # the common small read: one block, no join
+            n = stop - start
+            strip = self._strip
+            if not self.verify or _std_crc32c(raw, _SALT_STD) == _RESIDUE_STD:
+                try:
+                    block = self._raw_decompress(
+                        memoryview(raw)[: n - strip] if strip else raw, self._bs
+                    )
+                except Exception:
+                    block = None
+                want = self._tail if first == self._n - 1 else self._bs
+                if block is not None and len(block) == want:
+                    self._cached = (first, block)
+                    hi = end - (first << shift)
+                    return block if lo == 0 and hi == len(block) else block[lo:hi]
+        return self._decode_run(first, last, raw, start, lo, end - (last << shift))
 
     # --- decoding --------------------------------------------------------------------------
 
@@ -218,30 +239,38 @@ class ZFileReader:
         mv = memoryview(raw)
         offsets = self._offsets
         verify = self.verify
-        strip = self._strip
-        decompress = self._decompress
+        keep = -self._strip or None  # slice end that drops the checksum
+        decompress = self._raw_decompress
+        crc = _std_crc32c
         bs = self._bs
-        parts = []
+        count = last + 1 - first
+        ends_file = last == self._n - 1
+        bounds = [x - base for x in offsets[first : last + 2]]
+        parts: list = []
         append = parts.append
-        a = offsets[first] - base
-        for i in range(first, last + 1):
-            b = offsets[i + 1] - base
-            stored = mv[a:b]
-            if verify and not salted_block_ok(stored):
-                raise self._checksum_error(i, stored)
-            try:
-                data = decompress(stored[: b - a - strip], bs)
-            except CodecError as exc:
-                raise self._block_error(i, str(exc)) from None
-            if len(data) != bs and (i != self._n - 1 or len(data) != self._tail):
-                raise self._length_error(i, len(data))
-            append(data)
-            a = b
+        try:
+            for a, b in pairwise(bounds):
+                stored = mv[a:b]
+                if verify and crc(stored, _SALT_STD) != _RESIDUE_STD:
+                    break
+                data = decompress(stored[:keep], bs)
+                if len(data) != bs and not (ends_file and len(parts) == count - 1):
+                    break
+                append(data)
+        except Exception:
+            pass
+        if ends_file and len(parts) == count and len(parts[-1]) != self._tail:
+            parts.pop()  # the file's last block must have exactly the tail length
+        if len(parts) != count:
+            # rare: the checked slow path raises a precise error naming the block
+            for j in range(first + len(parts), last + 1):
+                append(self._decode(j, mv, offsets[j] - base, offsets[j + 1] - base))
+        last_block = parts[-1]
+        self._cached = (last, last_block)
+        if first == last:
+            return last_block if lo == 0 and hi == len(last_block) else last_block[lo:hi]
         if lo:
             parts[0] = memoryview(parts[0])[lo:]
-        last_block = parts[-1]
-        self._cached_no = last
-        self._cached = last_block
         if hi != len(last_block):
             parts[-1] = memoryview(last_block)[:hi]
         return b"".join(parts)
@@ -255,7 +284,7 @@ class ZFileReader:
             data = self._decompress(stored[: b - a - self._strip], self._bs)
         except CodecError as exc:
             raise self._block_error(i, str(exc)) from None
-        if len(data) != self._bs and (i != self._n - 1 or len(data) != self._tail):
+        if len(data) != (self._tail if i == self._n - 1 else self._bs):
             raise self._length_error(i, len(data))
         return data
 

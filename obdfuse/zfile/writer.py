@@ -10,6 +10,7 @@ about tar (see `obdfuse.tarwrap`).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 from array import array
@@ -19,14 +20,13 @@ from typing import BinaryIO
 
 from obdfuse.crc import crc_raw, crc_salt
 from obdfuse.errors import ObdfuseError
-from obdfuse.zfile.codec import block_compressor
+from obdfuse.zfile.codec import BlockCompressor, block_compressor
 from obdfuse.zfile.format import (
     ALGORITHMS,
     DEFAULT_BLOCK_SIZE,
     FLAGS_INITIAL_HEADER,
     FLAGS_OVERWRITTEN_HEADER,
     FLAGS_TRAILER,
-    SLOT_SIZE,
     UPSTREAM_MAX_STORED_BLOCK,
     WRITER_BLOCK_SIZES,
     HeaderTrailer,
@@ -61,13 +61,21 @@ def _compress_batch(
     return b"".join(parts), sizes
 
 
-def _can_overwrite(fileobj: BinaryIO) -> bool:
+def can_rewrite(fileobj: BinaryIO) -> bool:
+    """True if we may seek back in `fileobj` and overwrite bytes already written
+    (seekable, and not opened for appending, where every write lands at the end)."""
     try:
         if not fileobj.seekable():
             return False
     except (AttributeError, OSError, ValueError):
         return False
-    return "a" not in getattr(fileobj, "mode", "")
+    if "a" in getattr(fileobj, "mode", ""):
+        return False
+    try:
+        fd = fileobj.fileno()
+    except (AttributeError, OSError, ValueError):
+        return True  # an in-memory file
+    return not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
 
 
 class ZFileWriter:
@@ -77,7 +85,8 @@ class ZFileWriter:
     (and rewrites the header when the output is seekable) but does not close `fileobj`.
     Blocks whose stored size would exceed upstream's 64 KiB read buffer (only possible
     with 64 KiB blocks of incompressible data) raise UpstreamLimitError unless
-    `allow_upstream_unreadable` is set.
+    `allow_upstream_unreadable` is set. `compressor` overrides the codec backend (the
+    default prefers the system libraries that reproduce upstream's blocks exactly).
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class ZFileWriter:
         workers: int | None = None,
         overwrite_header: bool | None = None,
         allow_upstream_unreadable: bool = False,
+        compressor: BlockCompressor | None = None,
     ) -> None:
         if algorithm not in ALGORITHMS:
             raise ObdfuseError(
@@ -102,9 +112,13 @@ class ZFileWriter:
         self._f = fileobj
         self._bs = block_size
         self._checksum = checksum
-        self._codec = block_compressor(ALGORITHMS[algorithm])
+        self._codec = compressor or block_compressor(ALGORITHMS[algorithm])
+        if self._codec.algorithm != ALGORITHMS[algorithm]:
+            raise ValueError(
+                f"compressor is for algorithm {self._codec.algorithm}, not {algorithm}"
+            )
         self._allow_big = allow_upstream_unreadable
-        self._overwrite = _can_overwrite(fileobj) if overwrite_header is None else overwrite_header
+        self._overwrite = can_rewrite(fileobj) if overwrite_header is None else overwrite_header
         self._start = fileobj.tell() if self._overwrite else 0
         self._slot = HeaderTrailer(
             flags=FLAGS_INITIAL_HEADER,
@@ -150,14 +164,21 @@ class ZFileWriter:
         n = len(data)
         self._total += n
         pending = self._pending
-        pending += data
         batch = self._batch
+        if not pending and n >= batch:  # large writes: no staging copy
+            src = memoryview(data)
+            whole = n // batch * batch
+            for a in range(0, whole, batch):
+                self._submit(bytes(src[a : a + batch]))
+            pending += src[whole:]
+            return n
+        pending += data
         if len(pending) >= batch:
             whole = len(pending) // batch * batch
-            chunk = bytes(pending[:whole])
+            with memoryview(pending) as staged:
+                for a in range(0, whole, batch):
+                    self._submit(bytes(staged[a : a + batch]))
             del pending[:whole]
-            for a in range(0, whole, batch):
-                self._submit(chunk[a : a + batch])
         return n
 
     def _submit(self, chunk: bytes) -> None:
@@ -247,4 +268,4 @@ class ZFileWriter:
             self.abort()
 
 
-__all__ = ["SLOT_SIZE", "UpstreamLimitError", "ZFileWriter"]
+__all__ = ["UpstreamLimitError", "ZFileWriter", "can_rewrite"]

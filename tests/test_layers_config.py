@@ -1,0 +1,118 @@
+"""config.v1.json parsing and open_image over it (spec §5.3)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from obdfuse.errors import FormatError, ObdfuseError
+from obdfuse.image import open_image
+from obdfuse.layers.config import load_config
+from obdfuse.layers.writable import WritableLayer
+
+
+def write_config(path, obj) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    cfg = tmp_path / "sub" / "config.v1.json"
+    cfg.parent.mkdir()
+    write_config(
+        cfg,
+        {
+            "lowers": [
+                {"file": "a.commit"},
+                {"dir": "/abs/layer", "digest": "sha256:00", "size": 5},
+            ],
+            "upper": {"index": "up/index", "data": "up/data"},
+            "resultFile": "result",
+        },
+    )
+    config = load_config(cfg)
+    assert config.lowers[0].file == cfg.parent / "a.commit"
+    assert str(config.lowers[1].dir) == "/abs/layer" and config.lowers[1].size == 5
+    assert config.upper.data == cfg.parent / "up" / "data"
+    assert config.upper.index == cfg.parent / "up" / "index"
+    assert config.result_file == cfg.parent / "result"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("{nope", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"lowers": {}}', "'lowers' must be a list"),
+        ('{"lowers": [3]}', "lowers[0] must be an object"),
+        ('{"lowers": [{}]}', "names no file, dir or digest"),
+        ('{"lowers": [{"file": 7}]}', "lowers[0].file must be a string"),
+        ('{"lowers": [{"file": "x", "size": -1}]}', "size must be a non-negative"),
+        ('{"lowers": [], "upper": {"index": "i"}}', "upper needs 'data'"),
+    ],
+)
+def test_bad_configs_get_clear_errors(tmp_path, text, needle):
+    cfg = tmp_path / "config.v1.json"
+    cfg.write_text(text)
+    with pytest.raises(FormatError) as err:
+        load_config(cfg)
+    assert needle in str(err.value) and str(cfg) in str(err.value)
+
+
+def test_config_with_lower_and_upper(samples, tmp_path):
+    (tmp_path / "l1.commit").symlink_to(samples / "layers" / "l1.commit")
+    WritableLayer.create(tmp_path / "data", tmp_path / "index", 1 << 30).close()
+    cfg = tmp_path / "config.v1.json"
+    write_config(
+        cfg,
+        {
+            "lowers": [{"file": "l1.commit"}],
+            "upper": {"index": "index", "data": "data"},
+            "resultFile": "result",
+        },
+    )
+
+    async def go():
+        stack = await open_image(cfg)
+        assert not stack.read_only and stack.size == 1 << 30
+        before = await stack.pread(1 << 20, 4096)
+        await stack.pwrite(0, b"x" * 4096)
+        await stack.flush()
+        await stack.aclose()
+        stack = await open_image(cfg, read_only=True)
+        assert stack.read_only
+        assert await stack.pread(0, 4096) == b"x" * 4096
+        assert await stack.pread(1 << 20, 4096) == before
+        await stack.aclose()
+
+    trio.run(go)
+    assert (tmp_path / "result").read_text() == "success"
+
+
+def test_missing_lower_is_reported_in_result_file(tmp_path):
+    cfg = tmp_path / "config.v1.json"
+    write_config(cfg, {"lowers": [{"file": "gone.commit"}], "resultFile": "result"})
+    with pytest.raises(FormatError, match=r"lowers\[0\] has no local file"):
+        trio.run(open_image, cfg)
+    assert (tmp_path / "result").read_text().startswith("failed:")
+
+
+def test_writable_image_needs_an_upper(samples):
+    async def go():
+        await open_image(samples / "layers" / "l1.commit", read_only=False)
+
+    with pytest.raises(ObdfuseError, match="upper"):
+        trio.run(go)
+
+
+def test_new_upper_takes_the_lowers_size_and_parent(samples, tmp_path):
+    async def go():
+        stack = await open_image(samples / "layers" / "l1.commit", upper=tmp_path / "up")
+        assert stack.size == 1 << 30 and not stack.read_only
+        assert stack.upper.parent_uuid == "11111111-2222-3333-4444-555555555501"
+        await stack.aclose()
+        with pytest.raises(FormatError, match="virtual size"):
+            await open_image(samples / "layers" / "l1.commit", upper=tmp_path / "up", size=2 << 30)
+
+    trio.run(go)
