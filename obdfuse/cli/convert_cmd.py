@@ -77,6 +77,13 @@ def _common(fn):
             is_flag=True,
             help="Docker schema2 manifest/config/layer media types instead of OCI.",
         ),
+        click.option(
+            "--registry-timeout",
+            type=click.FloatRange(min=0.1),
+            default=60.0,
+            show_default=True,
+            help="Seconds of retrying before a registry request fails.",
+        ),
         click.option("--verbose", "-v", is_flag=True, help="Log each step with its timing."),
         click.option(
             "--progress/--no-progress",
@@ -112,7 +119,9 @@ def _options(kw: dict):
         work_dir=kw["work_dir"],
         keep_work=kw["keep_work"],
         platform=Platform.parse(kw["platform"]) if kw["platform"] else None,
-        registry=RegistrySettings(creds=kw["creds"], plain_http=kw["plain_http"]),
+        registry=RegistrySettings(
+            creds=kw["creds"], plain_http=kw["plain_http"], timeout=kw["registry_timeout"]
+        ),
         docker_media_types=kw["docker_media_types"],
         progress=Progress(kw["progress"]),
     )

@@ -31,6 +31,7 @@ from obdfuse.convert.layerbuild import (
 )
 from obdfuse.convert.oci import Platform
 from obdfuse.convert.output import (
+    A_BLOB_DIGEST,
     DOCKER_TYPES,
     OCI_TYPES,
     PublishedImage,
@@ -42,6 +43,7 @@ from obdfuse.convert.progress import Progress
 from obdfuse.convert.source import RegistrySettings, open_source
 from obdfuse.convert.tardir import TreeTarStream
 from obdfuse.convert.workspace import Workspace, signals_raise
+from obdfuse.errors import ObdfuseError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,16 @@ class _CountingReader:
         self._inner.close()
 
 
+def _refuse_overlaybd(source) -> None:
+    """An overlaybd image's layers are block devices, not file trees: never apply them."""
+    for i, desc in enumerate(source.layers):
+        if A_BLOB_DIGEST in desc.annotations:
+            raise ObdfuseError(
+                f"{source.name} is already an overlaybd image (layer {i} carries overlaybd "
+                "annotations); mount it with `obdfuse mount` instead"
+            )
+
+
 def convert_image(source_ref: str, destination: str, options: ConvertOptions) -> ConvertResult:
     """Convert an OCI image (layout or registry) into an overlaybd image at `destination`."""
     progress = options.progress
@@ -103,6 +115,7 @@ def convert_image(source_ref: str, destination: str, options: ConvertOptions) ->
                 registry=options.registry,
                 progress=progress,
             )
+            _refuse_overlaybd(source)
             chains = chain_ids(source.diff_ids())
             lowers, built, stats = [base.path], [base], []
             total = len(source.layers)

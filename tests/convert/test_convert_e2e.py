@@ -472,3 +472,53 @@ def test_multi_platform_source_from_the_registry(rich, cache_dir, registry, moun
         str(tmp_path / "blob-cache"),
     )
     assert_same_tree(root, reference)
+
+
+def test_refuses_an_image_that_is_already_overlaybd(cache_dir, tmp_path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    obdfuse_cli("build", "--cache-dir", str(cache_dir), str(tree), f"oci:{tmp_path / 'obd'}:1")
+    out = obdfuse_cli(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        f"oci:{tmp_path / 'obd'}:1",
+        f"oci:{tmp_path / 'again'}",
+        check=False,
+    )
+    assert out.returncode == 1 and "already an overlaybd image" in out.stderr, out.stderr
+
+
+def test_unreachable_registries_fail_in_one_line_and_leave_nothing(
+    rich, cache_dir, registry, tmp_path
+) -> None:
+    layout, _ = rich
+    work = tmp_path / "work"
+    registry.stop()  # nothing listens there any more
+    timeout = ("--registry-timeout", "2")
+    out = obdfuse_cli(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        "--work-dir",
+        str(work),
+        *timeout,
+        f"{registry.host}/src:v1",
+        f"oci:{tmp_path / 'out'}",
+        check=False,
+    )
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert registry.host in out.stderr
+    out = obdfuse_cli(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        "--work-dir",
+        str(work),
+        *timeout,
+        f"oci:{layout}:v1",
+        f"{registry.host}/dst:v1",
+        check=False,
+    )
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert _leftovers(work) == [] and list(work.iterdir()) == []
