@@ -217,6 +217,7 @@ async def _open_unless_signalled(open_device: DeviceOpener, signals: object) -> 
     """Open the device; a SIGTERM/SIGINT meanwhile (a registry that does not answer) aborts."""
     stopped_by: list[str] = []
     device: BlockDevice | None = None
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
 
         async def watch() -> None:
@@ -226,8 +227,13 @@ async def _open_unless_signalled(open_device: DeviceOpener, signals: object) -> 
                 return
 
         nursery.start_soon(watch)
-        device = await open_device()
+        try:
+            device = await open_device()
+        except Exception as exc:  # raised as itself, not wrapped in an ExceptionGroup
+            failure = exc
         nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     if stopped_by or device is None:
         raise ObdfuseError(f"stopped by {stopped_by[0]} while opening the image")
     return device
