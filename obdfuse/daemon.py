@@ -301,11 +301,13 @@ def run(open_device: DeviceOpener, settings: MountSettings, readiness: Readiness
 
     try:
         trio.run(serve, open_device, settings, readiness)
-    except (ObdfuseError, OSError) as exc:
-        message = describe_error(exc)
-    except Exception as exc:
-        log.exception("mount daemon failed")
-        message = f"internal error: {type(exc).__name__}: {exc}"
+    except Exception as raised:
+        exc = _single_cause(raised)
+        if isinstance(exc, ObdfuseError | OSError):
+            message = describe_error(exc)
+        else:
+            log.error("mount daemon failed", exc_info=raised)
+            message = f"internal error: {type(exc).__name__}: {exc}"
     else:
         return 0
     if readiness.is_ready:
@@ -313,6 +315,13 @@ def run(open_device: DeviceOpener, settings: MountSettings, readiness: Readiness
     else:
         readiness.failed(message)
     return 1
+
+
+def _single_cause(exc: Exception) -> Exception:
+    """The one exception inside (nested) single-member exception groups, else `exc`."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: float) -> int:
