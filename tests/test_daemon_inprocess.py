@@ -92,7 +92,6 @@ def test_a_failing_service_stops_the_mount_with_its_own_message(tmp_path, caplog
     async def open_device():
         return RawFileDevice(disk)
 
-
     settings = MountSettings(mountpoint=mountpoint, image="x", services=[broken_service])
     readiness = StderrReadiness()
     try:
