@@ -211,6 +211,13 @@ def test_no_fuse_device(tmp_path, ext4_raw, mounts):
                          mounts.run_dir)
     _one_line_error(proc, "/dev/fuse is not the FUSE character device")
 
+    # And a /dev without it at all (an empty tmpfs over /dev in the namespace).
+    script = 'mount -t tmpfs none /dev && exec "$@"'
+    proc = _run_isolated(["unshare", "-m", "sh", "-c", script, "sh"],
+                         ["mount", "--foreground", "--raw", "ro", str(image), str(mp)],
+                         mounts.run_dir)
+    _one_line_error(proc, "no FUSE device /dev/fuse")
+
 
 def test_not_permitted_without_cap_sys_admin(tmp_path, ext4_raw, mounts):
     """Like an unprivileged container: the kernel (via fusermount3) refuses the mount."""
