@@ -59,6 +59,15 @@ def test_read_only_mount_serves_the_disk_through_loop_and_ext4(mounts, tmp_path,
         os.open(m.image_path, os.O_RDWR)
     assert exc.value.errno in (errno.EROFS, errno.EACCES)
 
+    for change in (lambda: (m.mountpoint / "new").write_bytes(b"x"),
+                   lambda: m.image_path.unlink(),
+                   lambda: os.rename(m.image_path, m.mountpoint / "other"),
+                   lambda: (m.mountpoint / "dir").mkdir()):
+        with pytest.raises(OSError) as exc:
+            change()
+        assert exc.value.errno == errno.EPERM
+    assert os.listdir(m.mountpoint) == ["image"]
+
     info = m.stat()
     assert info["pid"] == m.pid and info["read_only"] is True and info["size"] == 64 << 20
     assert info["counters"]["bytes_read"] >= 64 << 20
