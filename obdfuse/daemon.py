@@ -248,10 +248,18 @@ async def serve(open_device: DeviceOpener, settings: MountSettings, readiness: R
         try:
             fs = ImageFS(device, image_name=settings.image)
             fs.stat_providers.extend(settings.stat_providers)
+            _add_remote_stats(fs)
             _mount_fuse(fs, settings)
             await _serve_mounted(fs, settings, readiness, signals)
         finally:
             await device.aclose()
+
+
+def _add_remote_stats(fs: ImageFS) -> None:
+    """Publish lazy-fetch statistics in the stat file when the image is remote."""
+    remote = sys.modules.get("obdfuse.remote_image")  # only imported for image references
+    if remote is not None and remote.OPEN_IMAGES:
+        fs.stat_providers.append(remote.remote_stats)
 
 
 async def _serve_mounted(

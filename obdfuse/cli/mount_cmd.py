@@ -7,11 +7,13 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
 from obdfuse import runstate
 from obdfuse.cli.params import SIZE
+from obdfuse.cli.registry_opts import registry_options, remote_cache_options, remote_options_from
 from obdfuse.daemon import (
     MountSettings,
     Readiness,
@@ -32,7 +34,10 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 @click.option("--upper", type=click.Path(path_type=Path), help="Writable layer directory "
               "(DIR/data, DIR/index; created when missing). Without it the image is read-only.")
 @click.option("--size", type=SIZE, help="Virtual disk size for a new upper layer with no lowers.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache for remote blobs.")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Persistent cache of remote blobs [default: /var/cache/obdfuse].")
+@remote_cache_options
+@registry_options
 @click.option("--foreground", "-f", is_flag=True,
               help="Stay attached (for a supervisor); logs go to stderr.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -60,6 +65,7 @@ def mount(
     raw: str | None,
     max_tasks: int,
     readahead_kb: int,
+    **remote_kw: Any,
 ) -> None:
     """Expose IMAGE (config.v1.json, layer file or image reference) as MOUNTPOINT/image.
 
@@ -70,13 +76,15 @@ def mount(
         raise click.UsageError("--raw cannot be combined with --upper/--size")
     if size is not None and upper is None:
         raise click.UsageError("--size sizes a new writable layer: it needs --upper DIR")
+    remote = remote_options_from({**remote_kw, "cache_dir": cache_dir})
 
     async def open_device() -> BlockDevice:
         if raw:
             return RawFileDevice(image, read_only=raw == "ro")
         from obdfuse.image import open_image
 
-        return await open_image(image, upper=upper, size=size, cache_dir=cache_dir)
+        return await open_image(image, upper=upper, size=size, cache_dir=cache_dir,
+                                remote=remote)
 
     # The daemon runs from /: make local paths absolute (image references stay as they are).
     if os.path.exists(image):
