@@ -84,7 +84,10 @@ def mount(
     cache_dir = Path(os.path.abspath(cache_dir)) if cache_dir else None
     mountpoint = Path(os.path.abspath(mountpoint))
     log_path = Path(os.path.abspath(log_file or runstate.default_log_path(mountpoint)))
-    remote = remote_options_from({**remote_kw, "cache_dir": cache_dir})
+    # Registry options only matter for image references; local images skip the
+    # registry client (and its memory) entirely.
+    local = raw is not None or os.path.exists(image)
+    remote = None if local else remote_options_from({**remote_kw, "cache_dir": cache_dir})
 
     async def open_device() -> BlockDevice:
         if raw:
