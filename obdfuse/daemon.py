@@ -235,6 +235,8 @@ async def _open_unless_signalled(open_device: DeviceOpener, signals: object) -> 
     if failure is not None:
         raise failure
     if stopped_by or device is None:
+        if device is not None:  # the signal came just as the open finished
+            await device.aclose()
         raise ObdfuseError(f"stopped by {stopped_by[0]} while opening the image")
     return device
 
