@@ -128,7 +128,7 @@ def test_bearer_token_flow(registry, tmp_path):
         trio.run(main)
 
 
-def test_range_ignored_and_redirects(registry, tmp_path):
+def test_range_ignored_and_redirects(registry, tmp_path, caplog):
     data = write_random(tmp_path / "a.layer", 12 * MiB)
     push_files(registry.host, [tmp_path / "a.layer"])
     with BearerProxy(registry.url) as proxy:
@@ -142,6 +142,7 @@ def test_range_ignored_and_redirects(registry, tmp_path):
                 # the whole prefix came over the wire, only the range was kept
                 assert blob.stats_dict()["bytes_fetched"] == 8 * MiB
                 assert blob.files.present_indices() == [7]
+                assert "ignores Range requests" in caplog.text
             finally:
                 await image.aclose()
             proxy.ignore_range = False
