@@ -252,3 +252,26 @@ def test_background_fetch_fills_and_verifies(registry, tmp_path):
             await image.aclose()
 
     trio.run(main)
+
+
+def test_cache_size_cap_holds_on_real_reads(registry, tmp_path):
+    data = write_random(tmp_path / "a.layer", 40 * MiB)
+    push_files(registry.host, [tmp_path / "a.layer"])
+
+    async def main():
+        image = await open_remote_image(f"{registry.host}/sample:latest",
+                                        opts(tmp_path, cache_size=8 * MiB))
+        try:
+            (blob,) = image.blobs
+            for off in range(0, 40 * MiB, 3 * MiB):
+                assert await blob.pread(off, MiB) == data[off:off + MiB]
+                assert image.cache.used <= 8 * MiB
+            disk = sum(p.stat().st_blocks * 512
+                       for p in (tmp_path / "cache" / "blobs").glob("*.data"))
+            assert disk <= 8 * MiB + 64 * 1024
+            # evicted ranges come back from the registry, correctly
+            assert await blob.pread(0, 100) == data[:100]
+        finally:
+            await image.aclose()
+
+    trio.run(main)
