@@ -49,6 +49,10 @@ def test_read_only_mount_serves_the_disk_through_loop_and_ext4(mounts, tmp_path,
     st = os.stat(m.image_path)
     assert st.st_size == 64 << 20
     assert st.st_ino == 2 and os.stat(m.mountpoint).st_ino == 1
+    dev = os.stat(m.mountpoint).st_dev
+    bdi = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    with open(bdi) as f:
+        assert int(f.read()) == 4096  # raised from the kernel's 128 KiB
     assert 0 < st.st_blocks * 512 <= os.stat(image).st_blocks * 512 + 4096
     assert m.image_path.read_bytes() == image.read_bytes()
     with pytest.raises(OSError) as exc:
@@ -229,3 +233,17 @@ def test_umount_finds_a_daemon_started_with_another_run_dir(mounts, tmp_path, ex
     proc = m.umount()
     assert proc.returncode == 0, proc.stderr
     assert process_start_time(m.pid) is None
+
+
+def test_umount_leaves_other_filesystems_alone(mounts, tmp_path):
+    target = mounts.loop.mount("tmpfs", tmp_path / "tmpfs", options="size=1m", fstype="tmpfs")
+    proc = mounts.obdfuse("umount", str(target))
+    _one_line_error(proc, "is not an obdfuse mount (tmpfs)")
+    assert os.path.ismount(target)
+
+
+def test_size_without_upper_is_a_usage_error(mounts, tmp_path, ext4_raw):
+    image, _ = ext4_raw
+    (tmp_path / "mp").mkdir()
+    proc = mounts.obdfuse("mount", "--size", "1G", str(image), str(tmp_path / "mp"))
+    assert proc.returncode == 2 and "--size" in proc.stderr and "--upper" in proc.stderr
