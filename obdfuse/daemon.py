@@ -217,17 +217,22 @@ async def _open_unless_signalled(open_device: DeviceOpener, signals: object) -> 
     """Open the device; a SIGTERM/SIGINT meanwhile (a registry that does not answer) aborts."""
     stopped_by: list[str] = []
     device: BlockDevice | None = None
-    async with trio.open_nursery() as nursery:
+    try:
+        async with trio.open_nursery() as nursery:
 
-        async def watch() -> None:
-            async for signum in signals:  # type: ignore[attr-defined]
-                stopped_by.append(signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                return
+            async def watch() -> None:
+                async for signum in signals:  # type: ignore[attr-defined]
+                    stopped_by.append(signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
 
-        nursery.start_soon(watch)
-        device = await open_device()
-        nursery.cancel_scope.cancel()
+            nursery.start_soon(watch)
+            device = await open_device()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the opener's own error, not a group of one
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     if stopped_by or device is None:
         raise ObdfuseError(f"stopped by {stopped_by[0]} while opening the image")
     return device
