@@ -217,6 +217,7 @@ async def _open_unless_signalled(open_device: DeviceOpener, signals: object) -> 
     """Open the device; a SIGTERM/SIGINT meanwhile (a registry that does not answer) aborts."""
     stopped_by: list[str] = []
     device: BlockDevice | None = None
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
 
         async def watch() -> None:
@@ -226,9 +227,16 @@ async def _open_unless_signalled(open_device: DeviceOpener, signals: object) -> 
                 return
 
         nursery.start_soon(watch)
-        device = await open_device()
+        try:
+            device = await open_device()
+        except Exception as exc:  # raised as itself, not wrapped in an ExceptionGroup
+            failure = exc
         nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     if stopped_by or device is None:
+        if device is not None:  # the signal came just as the open finished
+            await device.aclose()
         raise ObdfuseError(f"stopped by {stopped_by[0]} while opening the image")
     return device
 
@@ -303,11 +311,13 @@ def run(open_device: DeviceOpener, settings: MountSettings, readiness: Readiness
 
     try:
         trio.run(serve, open_device, settings, readiness)
-    except (ObdfuseError, OSError) as exc:
-        message = describe_error(exc)
-    except Exception as exc:
-        log.exception("mount daemon failed")
-        message = f"internal error: {type(exc).__name__}: {exc}"
+    except Exception as raised:
+        exc = _single_cause(raised)
+        if isinstance(exc, ObdfuseError | OSError):
+            message = describe_error(exc)
+        else:
+            log.error("mount daemon failed", exc_info=raised)
+            message = f"internal error: {type(exc).__name__}: {exc}"
     else:
         return 0
     if readiness.is_ready:
@@ -315,6 +325,13 @@ def run(open_device: DeviceOpener, settings: MountSettings, readiness: Readiness
     else:
         readiness.failed(message)
     return 1
+
+
+def _single_cause(exc: Exception) -> Exception:
+    """The one exception inside (nested) single-member exception groups, else `exc`."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: float) -> int:

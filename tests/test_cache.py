@@ -207,6 +207,17 @@ def test_digest_mismatch_drops_cache(tmp_path, data, caplog):
     run(main)
     assert blob.stats.verify_failures == 1
     assert "dropped its cache" in caplog.text
+
+    async def after():
+        # the blob is now suspect: even a read far from the bad byte is refused
+        with pytest.raises(CorruptDataError):
+            await blob.pread(0, 100)
+        # once the source is repaired, the whole blob verifies and reads work again
+        remote._data = memoryview(data)
+        assert await blob.pread(0, 100) == data[:100]
+        assert blob.files.verified
+
+    run(after)
     cache.close()
 
 

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import trio
 
-from obdfuse.daemon import MountSettings, StderrReadiness, serve
+from obdfuse.daemon import MountSettings, StderrReadiness, run, serve
 from obdfuse.device import RawFileDevice
 from obdfuse.errors import ObdfuseError
 
@@ -77,4 +77,29 @@ def test_a_signal_while_the_image_is_opening_stops_the_daemon(tmp_path):
 
     with pytest.raises(ObdfuseError, match="stopped by SIGTERM while opening the image"):
         trio.run(main)
+    assert not os.path.ismount(mountpoint)
+
+
+def test_a_failing_service_stops_the_mount_with_its_own_message(tmp_path, caplog):
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(4096))
+    mountpoint = tmp_path / "mp"
+    mountpoint.mkdir()
+
+    async def broken_service(device) -> None:
+        raise ObdfuseError("iscsi: port 3260 in use")
+
+    async def open_device():
+        return RawFileDevice(disk)
+
+    settings = MountSettings(mountpoint=mountpoint, image="x", services=[broken_service])
+    readiness = StderrReadiness()
+    try:
+        assert run(open_device, settings, readiness) == 1
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    assert readiness.is_ready  # failed after the mount was live: logged, not reported
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["iscsi: port 3260 in use"]
     assert not os.path.ismount(mountpoint)

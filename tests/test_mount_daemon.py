@@ -59,6 +59,15 @@ def test_read_only_mount_serves_the_disk_through_loop_and_ext4(mounts, tmp_path,
         os.open(m.image_path, os.O_RDWR)
     assert exc.value.errno in (errno.EROFS, errno.EACCES)
 
+    for change in (lambda: (m.mountpoint / "new").write_bytes(b"x"),
+                   lambda: m.image_path.unlink(),
+                   lambda: os.rename(m.image_path, m.mountpoint / "other"),
+                   lambda: (m.mountpoint / "dir").mkdir()):
+        with pytest.raises(OSError) as exc:
+            change()
+        assert exc.value.errno == errno.EPERM
+    assert os.listdir(m.mountpoint) == ["image"]
+
     info = m.stat()
     assert info["pid"] == m.pid and info["read_only"] is True and info["size"] == 64 << 20
     assert info["counters"]["bytes_read"] >= 64 << 20
@@ -210,6 +219,13 @@ def test_no_fuse_device(tmp_path, ext4_raw, mounts):
                          ["mount", "--foreground", "--raw", "ro", str(image), str(mp)],
                          mounts.run_dir)
     _one_line_error(proc, "/dev/fuse is not the FUSE character device")
+
+    # And a /dev without it at all (an empty tmpfs over /dev in the namespace).
+    script = 'mount -t tmpfs none /dev && exec "$@"'
+    proc = _run_isolated(["unshare", "-m", "sh", "-c", script, "sh"],
+                         ["mount", "--foreground", "--raw", "ro", str(image), str(mp)],
+                         mounts.run_dir)
+    _one_line_error(proc, "no FUSE device /dev/fuse")
 
 
 def test_not_permitted_without_cap_sys_admin(tmp_path, ext4_raw, mounts):

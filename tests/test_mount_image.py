@@ -79,8 +79,7 @@ def test_writable_mount_over_nothing_then_commit_and_mount_read_only(mounts, tmp
     assert proc.returncode == 0, proc.stderr
 
     layer = tmp_path / "layer.zfile"
-    proc = mounts.obdfuse("layer", "commit", "--zfile", str(upper / "data"),
-                          str(upper / "index"), str(layer))
+    proc = mounts.obdfuse("layer", "commit", "--zfile", str(upper), str(layer))
     assert proc.returncode == 0, proc.stderr
 
     ro = mounts.mount(layer)

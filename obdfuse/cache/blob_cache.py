@@ -271,6 +271,7 @@ class CachedBlob:
         self._streak = 0
         self._background: set[trio.CancelScope] = set()
         self._closed = False
+        self._suspect = False  # failed a digest check: verify before serving
         #: awaited once by aclose (the owner of a group of blobs hooks in here)
         self.on_close: list[Callable[[], Awaitable[None]]] = []
 
@@ -299,14 +300,22 @@ class CachedBlob:
         self.stats.bytes_read += n
         self.cache.pin(self.digest, first, last, +1)
         try:
-            if self.size <= self.cache.whole_below:
+            if self.size <= self.cache.whole_below or self._suspect:
+                # small blobs, and blobs that once failed their digest check, are
+                # fetched whole and verified before any byte is served
                 first_needed, last_needed = 0, self.files.nchunks - 1
             else:
                 first_needed, last_needed = first, last
-            fetched = await self._ensure(first_needed, last_needed, demand=True)
-            if self.files.complete and not self.files.verified:
-                await self._verify()
-            data = self.files.read(offset, n)
+            fetched = False
+            while True:
+                fetched |= await self._ensure(first_needed, last_needed, demand=True)
+                if self.files.complete and not self.files.verified:
+                    await self._verify()
+                # a failed verification elsewhere may have dropped chunks while we waited:
+                # check presence and read without a checkpoint in between
+                if all(self.files.present(i) for i in range(first, last + 1)):
+                    data = self.files.read(offset, n)
+                    break
             self.cache.touch(self.digest, first, last)
         finally:
             self.cache.pin(self.digest, first, last, -1)
@@ -383,10 +392,12 @@ class CachedBlob:
         actual = await trio.to_thread.run_sync(self.files.sha256)
         if actual == self.digest:
             self.files.mark_verified()
+            self._suspect = False
             return
         if self.files.verified:
             return  # verified concurrently
         self.stats.verify_failures += 1
+        self._suspect = True
         self.cache.drop_blob(self.files)
         msg = (f"{self.name}: content has digest {actual}, expected {self.digest}; "
                "dropped its cache")

@@ -76,7 +76,18 @@ def mount(
         raise click.UsageError("--raw cannot be combined with --upper/--size")
     if size is not None and upper is None:
         raise click.UsageError("--size sizes a new writable layer: it needs --upper DIR")
-    remote = remote_options_from({**remote_kw, "cache_dir": cache_dir})
+
+    # The daemon runs from /: make local paths absolute (image references stay as they are).
+    if os.path.exists(image):
+        image = os.path.abspath(image)
+    upper = Path(os.path.abspath(upper)) if upper else None
+    cache_dir = Path(os.path.abspath(cache_dir)) if cache_dir else None
+    mountpoint = Path(os.path.abspath(mountpoint))
+    log_path = Path(os.path.abspath(log_file or runstate.default_log_path(mountpoint)))
+    # Registry options only matter for image references; local images skip the
+    # registry client (and its memory) entirely.
+    local = raw is not None or os.path.exists(image)
+    remote = None if local else remote_options_from({**remote_kw, "cache_dir": cache_dir})
 
     async def open_device() -> BlockDevice:
         if raw:
@@ -86,13 +97,6 @@ def mount(
         return await open_image(image, upper=upper, size=size, cache_dir=cache_dir,
                                 remote=remote)
 
-    # The daemon runs from /: make local paths absolute (image references stay as they are).
-    if os.path.exists(image):
-        image = os.path.abspath(image)
-    upper = Path(os.path.abspath(upper)) if upper else None
-    cache_dir = Path(os.path.abspath(cache_dir)) if cache_dir else None
-    mountpoint = Path(os.path.abspath(mountpoint))
-    log_path = Path(os.path.abspath(log_file or runstate.default_log_path(mountpoint)))
     settings = MountSettings(
         mountpoint=mountpoint,
         image=image,

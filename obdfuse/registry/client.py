@@ -78,6 +78,7 @@ class RegistryClient:
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self.ranges_ignored = False
 
     @classmethod
     def for_reference(cls, ref: ImageReference, credentials: Credentials | None = None,
@@ -324,6 +325,10 @@ class RegistryClient:
                     data = await _read_exactly(resp, length, what)
                     return RangeResult(data, len(data))
                 if resp.status == 200:  # range ignored: the body is the whole blob; slice it
+                    if not self.ranges_ignored:
+                        self.ranges_ignored = True
+                        log.warning("%s ignores Range requests: every read streams the blob "
+                                    "from its start", self.base_url)
                     if resp.content_length is not None and resp.content_length < end + 1:
                         raise RemoteError(f"{what}: full answer of only {resp.content_length} "
                                           "bytes")

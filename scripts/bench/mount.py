@@ -68,6 +68,9 @@ def build_layer(raw: Path, work: Path, kit: MountKit) -> Path:
     config = work / "empty.json"
     config.write_text(json.dumps({"lowers": []}))
     upper = work / "upper"
+    layer = work / "layer.zfile"
+    shutil.rmtree(upper, ignore_errors=True)  # a --workdir may hold an earlier run
+    layer.unlink(missing_ok=True)
     m = kit.mount(config, "--upper", str(upper), "--size", str(IMAGE_SIZE))
     with open(raw, "rb") as src, open(m.image_path, "r+b") as dst:
         fd = src.fileno()
@@ -86,7 +89,6 @@ def build_layer(raw: Path, work: Path, kit: MountKit) -> Path:
         os.fsync(dst.fileno())
     proc = m.umount()
     assert proc.returncode == 0, proc.stderr
-    layer = work / "layer.zfile"
     proc = kit.obdfuse("layer", "commit", "--zfile", str(upper / "data"), str(upper / "index"),
                        str(layer))
     assert proc.returncode == 0, proc.stderr
