@@ -89,8 +89,16 @@ class _CountingReader:
         self._inner.close()
 
 
-def _refuse_overlaybd(source) -> None:
-    """An overlaybd image's layers are block devices, not file trees: never apply them."""
+MAX_SOURCE_LAYERS = 254  # overlaybd stacks at most 255 layers (spec §3.8), one is the base
+
+
+def _check_source(source) -> None:
+    """Refuse sources that cannot become overlaybd images (too many layers, already one)."""
+    if len(source.layers) > MAX_SOURCE_LAYERS:
+        raise ObdfuseError(
+            f"{source.name} has {len(source.layers)} layers; an overlaybd image holds at most "
+            f"{MAX_SOURCE_LAYERS} besides the base layer"
+        )
     for i, desc in enumerate(source.layers):
         if A_BLOB_DIGEST in desc.annotations:
             raise ObdfuseError(
@@ -115,7 +123,7 @@ def convert_image(source_ref: str, destination: str, options: ConvertOptions) ->
                 registry=options.registry,
                 progress=progress,
             )
-            _refuse_overlaybd(source)
+            _check_source(source)
             chains = chain_ids(source.diff_ids())
             lowers, built, stats = [base.path], [base], []
             total = len(source.layers)

@@ -522,3 +522,31 @@ def test_unreachable_registries_fail_in_one_line_and_leave_nothing(
     )
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert _leftovers(work) == [] and list(work.iterdir()) == []
+
+
+def test_refuses_more_layers_than_overlaybd_can_stack(cache_dir, tmp_path) -> None:
+    from obdfuse.convert.oci import OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, OciLayout
+
+    lay = OciLayout(tmp_path / "many")
+    lay.init()
+    layers = [lay.put_bytes(make_tar([E(f"f{i}", data=b"x")]), OCI_LAYER_TAR) for i in range(255)]
+    cfg = lay.put_bytes(
+        json.dumps({"rootfs": {"type": "layers", "diff_ids": [d.digest for d in layers]}}).encode(),
+        OCI_CONFIG,
+    )
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": cfg.to_json(),
+        "layers": [d.to_json() for d in layers],
+    }
+    lay.tag(lay.put_bytes(json.dumps(manifest).encode(), OCI_MANIFEST), "v1")
+    out = obdfuse_cli(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        f"oci:{tmp_path / 'many'}:v1",
+        f"oci:{tmp_path / 'out'}",
+        check=False,
+    )
+    assert out.returncode == 1 and "has 255 layers" in out.stderr, out.stderr
