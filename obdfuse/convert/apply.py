@@ -402,6 +402,8 @@ class LayerApplier:
         self.source: _BlockPaddedStream | None = None  # to check file data was really there
         self._touched: set[tuple[str, ...]] = set()
         self._dir_times: list[tuple[tuple[str, ...], int]] = []
+        # times of existing directories before this layer changed their contents
+        self._dir_before: dict[tuple[str, ...], tuple[int, int]] = {}
         try:
             vfs = os.statvfs(self.tree.root_fd)
             self._fs_bytes = vfs.f_blocks * vfs.f_frsize
@@ -455,6 +457,7 @@ class LayerApplier:
                 f"claims {member.size} bytes, more than the whole filesystem "
                 f"({self._fs_bytes} bytes)"
             )
+        self._note_dirs(parent)
         dfd = self.tree.open_dir(parent, create=True)
         try:
             for i in range(1, len(parts) + 1):
@@ -487,6 +490,7 @@ class LayerApplier:
         self.stats.whiteouts += 1
         if (*parent, name) in self._touched:
             return  # whiteouts hide lower layers only, never this layer's own entries
+        self._note_dirs(parent)
         try:
             dfd = self.tree.open_dir(parent, create=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -502,6 +506,7 @@ class LayerApplier:
 
     def _opaque(self, parent: list[str]) -> None:
         self.stats.opaque_dirs += 1
+        self._note_dirs(parent)
         dfd = self.tree.open_dir(parent, create=True)
         try:
             self._clear_lower_children(dfd, tuple(parent))
@@ -510,6 +515,9 @@ class LayerApplier:
 
     def _clear_lower_children(self, dfd: int, prefix: tuple[str, ...]) -> None:
         """Remove what lower layers put in this dir; keep (and descend into) this layer's."""
+        if prefix not in self._dir_before:
+            st = os.fstat(dfd)
+            self._dir_before[prefix] = (st.st_atime_ns, st.st_mtime_ns)
         for name in os.listdir(dfd):
             key = (*prefix, name)
             if key == FILESYSTEM_OWNED:
@@ -650,9 +658,44 @@ class LayerApplier:
         else:
             os.utime(path, ns=(ns, ns), dir_fd=dfd, follow_symlinks=False)
 
+    def _note_dirs(self, parent: list[str]) -> None:
+        """Remember the times of `parent` and its ancestors before this layer touches them.
+
+        A directory whose contents a layer changes without listing the directory
+        itself (e.g. a bare whiteout) keeps its old mtime, as `umoci unpack` does —
+        the result never depends on when the conversion ran.
+        """
+        for i in range(len(parent) + 1):
+            key = tuple(parent[:i])
+            if key in self._dir_before:
+                continue
+            try:
+                fd = self.tree.open_dir(list(key), create=False)
+            except OSError:  # missing (made by this layer) or not a directory
+                return
+            try:
+                st = os.fstat(fd)
+                self._dir_before[key] = (st.st_atime_ns, st.st_mtime_ns)
+            finally:
+                os.close(fd)
+
     def finish(self) -> None:
-        """Set directory mtimes, deepest first, now that their children exist."""
+        """Set directory times now that their children exist: listed directories get
+        their own mtime, other directories this layer changed get their old one back."""
         self.tree.forget()
+        listed = {key for key, _ in self._dir_times}
+        for key, (atime, mtime) in self._dir_before.items():
+            if key in listed:
+                continue
+            try:
+                fd = self.tree.open_dir(list(key), create=False)
+            except OSError:
+                continue  # removed by this layer
+            try:
+                os.utime(fd, ns=(atime, mtime))
+            finally:
+                os.close(fd)
+        self._dir_before.clear()
         for key, ns in sorted(self._dir_times, key=lambda kv: -len(kv[0])):
             try:
                 fd = self.tree.open_dir(list(key), create=False)

@@ -221,6 +221,8 @@ def describe_tree(root: Path, *, ignore: tuple[str, ...] = ("lost+found",)) -> d
                 info["mtime"] = st.st_mtime_ns
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
                 info["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            elif stat.S_ISDIR(st.st_mode):
+                info["mtime"] = st.st_mtime_ns
             out[rel] = info
     return out
 

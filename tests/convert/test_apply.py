@@ -338,3 +338,32 @@ def test_gnu_tar_sparse_files(tmp_path: Path, fmt: str) -> None:
         apply_layer(f, root)
     assert (root / "sparse").read_bytes() == (src / "sparse").read_bytes()
     assert (root / "sparse").stat().st_blocks * 512 < (1 << 20)
+
+
+def test_directories_a_layer_does_not_list_keep_their_mtime(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    apply(
+        [
+            E("d", "dir", mtime=1_000),
+            E("d/gone", data=b"x"),
+            E("d/sub", "dir", mtime=2_000),
+            E("d/sub/f", data=b"y"),
+            E("o", "dir", mtime=3_000),
+            E("o/old", data=b"z"),
+        ],
+        root,
+    )
+    apply(
+        [
+            E("d/.wh.gone", data=b""),
+            E("d/sub/new", data=b"n"),
+            E("o/.wh..wh..opq", data=b""),
+            E("d/newdir/f", data=b"implicit parent"),
+        ],
+        root,
+    )
+    assert not (root / "d/gone").exists() and (root / "d/sub/new").exists()
+    assert (root / "d").stat().st_mtime == 1_000
+    assert (root / "d/sub").stat().st_mtime == 2_000
+    assert (root / "o").stat().st_mtime == 3_000 and not any((root / "o").iterdir())
