@@ -315,6 +315,8 @@ class SourceImage:
     config_bytes: bytes
     layers: list[Descriptor]
     open_blob: Callable[[Descriptor], BinaryIO]
+    start_prefetch: Callable[[], None] | None = None  # fetch blobs ahead of open_blob
+    close: Callable[[], None] | None = None  # stop background work
 
     @property
     def config(self) -> dict[str, Any]:

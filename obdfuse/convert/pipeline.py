@@ -107,6 +107,42 @@ def _check_source(source) -> None:
             )
 
 
+def _convert_layer(
+    ws: Workspace,
+    source,
+    i: int,
+    desc,
+    chain_id: str,
+    built: list[BuiltLayer],
+    options: ConvertOptions,
+    stats: list[ApplyStats],
+) -> BuiltLayer:
+    """Source layer `i` applied over `built` (bottom first) and committed."""
+    label = f"layer {i + 1}/{len(source.layers)}"
+    progress = options.progress
+    blob = source.open_blob(desc)  # a registry layer is downloaded (or awaited) first
+
+    def fill(root: Path) -> None:
+        with progress.bar(f"apply {label}", desc.size) as bar:
+            reader = _CountingReader(blob, bar.update)
+            stats.append(apply_layer(reader, root, layer_name=f"{source.name} {label}"))
+
+    try:
+        return build_layer(
+            ws,
+            f"layer-{i}",
+            [layer.path for layer in built],
+            ws.path / f"layer-{i}.commit",
+            layer_uuid=chain_uuid(chain_id),
+            parent_uuid=built[-1].uuid,
+            settings=options.settings,
+            progress=progress,
+            fill=fill,
+        )
+    finally:
+        blob.close()
+
+
 def convert_image(source_ref: str, destination: str, options: ConvertOptions) -> ConvertResult:
     """Convert an OCI image (layout or registry) into an overlaybd image at `destination`."""
     progress = options.progress
@@ -125,38 +161,18 @@ def convert_image(source_ref: str, destination: str, options: ConvertOptions) ->
             )
             _check_source(source)
             chains = chain_ids(source.diff_ids())
-            lowers, built, stats = [base.path], [base], []
-            total = len(source.layers)
-            for i, desc in enumerate(source.layers):
-                label = f"layer {i + 1}/{total}"
-                blob = source.open_blob(desc)  # downloads a registry layer first
-
-                def fill(root: Path, blob=blob, desc=desc, label=label) -> None:
-                    with progress.bar(f"apply {label}", desc.size) as bar:
-                        stats.append(
-                            apply_layer(
-                                _CountingReader(blob, bar.update),
-                                root,
-                                layer_name=f"{source.name} {label}",
-                            )
-                        )
-
-                try:
-                    layer = build_layer(
-                        ws,
-                        f"layer-{i}",
-                        lowers,
-                        ws.path / f"layer-{i}.commit",
-                        layer_uuid=chain_uuid(chains[i]),
-                        parent_uuid=built[-1].uuid,
-                        settings=settings,
-                        progress=progress,
-                        fill=fill,
+            if source.start_prefetch is not None:
+                source.start_prefetch()
+            built: list[BuiltLayer] = [base]
+            stats: list[ApplyStats] = []
+            try:
+                for i, desc in enumerate(source.layers):
+                    built.append(
+                        _convert_layer(ws, source, i, desc, chains[i], built, options, stats)
                     )
-                finally:
-                    blob.close()
-                lowers.append(layer.path)
-                built.append(layer)
+            finally:
+                if source.close is not None:
+                    source.close()
             config = overlaybd_config(
                 source.config,
                 built,

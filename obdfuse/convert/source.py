@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -69,6 +70,10 @@ def open_source(
     return _RegistrySource(ref, platform, download_dir, registry, progress).resolve()
 
 
+class _Stopped(Exception):
+    """The conversion ended; a download ahead was abandoned."""
+
+
 class _RegistrySource:
     def __init__(
         self,
@@ -121,6 +126,7 @@ class _RegistrySource:
         manifest_desc = Descriptor(manifest.media_type, image.manifest_digest, 0)
         pinned = str(image.reference)
         self.ref = pinned
+        self._layers = layers
         return SourceImage(
             name=pinned,
             manifest_desc=manifest_desc,
@@ -129,11 +135,56 @@ class _RegistrySource:
             config_bytes=image.config,
             layers=layers,
             open_blob=self.open_blob,
+            start_prefetch=self.start_prefetch,
+            close=self.close,
         )
 
+    # -- downloading ahead: layer i+1 arrives while layer i is being applied
+
+    def start_prefetch(self) -> None:
+        """Download every layer, in order, in a background thread."""
+        self._stop = threading.Event()
+        self._done = {d.digest: threading.Event() for d in self._layers}
+        self._errors: dict[str, BaseException] = {}
+        self._thread = threading.Thread(target=self._prefetch, name="obdfuse-download", daemon=True)
+        self._thread.start()
+
+    def _prefetch(self) -> None:
+        for desc in self._layers:
+            if self._stop.is_set():
+                break
+            try:
+                path = self._path(desc)
+                if not path.exists():
+                    self._download(desc, path)
+            except BaseException as exc:  # handed to open_blob
+                self._errors[desc.digest] = exc
+                self._done[desc.digest].set()
+                break
+            self._done[desc.digest].set()
+        for event in self._done.values():  # nothing more is coming
+            event.set()
+
+    def close(self) -> None:
+        """Stop downloading ahead (between chunks) and wait for the thread."""
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            self._stop.set()
+            thread.join(timeout=self.settings.timeout + 5)
+
+    def _path(self, desc: Descriptor) -> Path:
+        return self.download_dir / desc.digest.replace(":", "-")
+
     def open_blob(self, desc: Descriptor) -> BinaryIO:
-        """Download the blob into the work area (verified), then stream it from there."""
-        path = self.download_dir / desc.digest.replace(":", "-")
+        """The layer blob from the work area, downloaded (and verified) first if needed."""
+        path = self._path(desc)
+        done = getattr(self, "_done", {}).get(desc.digest)
+        if done is not None:
+            while not done.wait(0.2):  # short waits keep Ctrl-C responsive
+                pass
+            error = self._errors.get(desc.digest)
+            if error is not None:
+                raise error
         if not path.exists():
             self._download(desc, path)
         f = open(path, "rb")  # noqa: SIM115 - DigestReader owns and closes it
@@ -154,6 +205,9 @@ class _RegistrySource:
                 repo = registry.ref.repository
                 pos = 0
                 while pos < desc.size:
+                    stop = getattr(self, "_stop", None)
+                    if stop is not None and stop.is_set():
+                        raise _Stopped
                     n = min(DOWNLOAD_CHUNK, desc.size - pos)
                     got = await run_in_asyncio(
                         registry.client.fetch_range,

@@ -550,3 +550,30 @@ def test_refuses_more_layers_than_overlaybd_can_stack(cache_dir, tmp_path) -> No
         check=False,
     )
     assert out.returncode == 1 and "has 255 layers" in out.stderr, out.stderr
+
+
+def test_corrupt_blob_in_the_source_registry(rich, cache_dir, registry, tmp_path) -> None:
+    layout, _ = rich
+    push_to_registry(layout, "v1", f"{registry.host}/src:v1")
+    manifest = registry_json(
+        registry, "src/manifests/v1", "application/vnd.oci.image.manifest.v1+json"
+    )
+    blob = registry.blob_path(manifest["layers"][1]["digest"])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    work = tmp_path / "work"
+    out = obdfuse_cli(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        "--work-dir",
+        str(work),
+        f"{registry.host}/src:v1",
+        f"oci:{tmp_path / 'out'}",
+        check=False,
+    )
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "digest" in out.stderr and manifest["layers"][1]["digest"] in out.stderr
+    assert _leftovers(work) == [] and list(work.iterdir()) == []
+    assert not (tmp_path / "out").exists()
