@@ -577,3 +577,46 @@ def test_corrupt_blob_in_the_source_registry(rich, cache_dir, registry, tmp_path
     assert "digest" in out.stderr and manifest["layers"][1]["digest"] in out.stderr
     assert _leftovers(work) == [] and list(work.iterdir()) == []
     assert not (tmp_path / "out").exists()
+
+
+def test_private_registry_needs_and_uses_credentials(cache_dir, tmp_path) -> None:
+    from tests.support.registry import RegistryServer
+
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/secret").write_text("s3")
+    run_umoci_image(tmp_path / "layout", tree)
+    with RegistryServer(tmp_path / "reg", users={"alice": "pw"}) as private:
+        dst = f"{private.host}/app:1"
+        out = obdfuse_cli(
+            "convert",
+            "--cache-dir",
+            str(cache_dir),
+            "--registry-timeout",
+            "5",
+            f"oci:{tmp_path / 'layout'}:v1",
+            dst,
+            check=False,
+        )
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        obdfuse_cli(
+            "convert",
+            "--cache-dir",
+            str(cache_dir),
+            "--creds",
+            "alice:pw",
+            f"oci:{tmp_path / 'layout'}:v1",
+            dst,
+        )
+        # and back out of it, as a source (an overlaybd image is refused as such)
+        out = obdfuse_cli(
+            "convert",
+            "--cache-dir",
+            str(cache_dir),
+            "--creds",
+            "alice:pw",
+            dst,
+            f"oci:{tmp_path / 'again'}",
+            check=False,
+        )
+        assert "already an overlaybd image" in out.stderr, out.stderr
