@@ -28,6 +28,7 @@ DEFAULT_PORT = 3260
 RECV_CHUNK = 1 << 20
 SMALL_RECV = 65536
 IOV_MAX = 1024
+SEND_BUFFER = 4 << 20
 LOGIN_TIMEOUT = 15.0
 LINGER_SECONDS = 1.0
 BATCH_QUEUE = 16
@@ -104,6 +105,8 @@ class IscsiServer:
         try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            with contextlib.suppress(OSError):  # room for a few big Data-In PDUs per send
+                stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             await self._run_connection(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("iSCSI connection ended: %s", exc)
