@@ -468,3 +468,18 @@ def test_corrupt_data_gives_medium_error(tmp_path):
     sense = f.data[2:]
     assert sense[2] & 0x0F == 0x03 and sense[12] == 0x11  # MEDIUM ERROR, unrecovered read
     trio.run(dev.aclose)
+
+
+def test_abort_of_a_running_task_answers_after_it_stops(lu):
+    s = Session(lu)
+    cmd = s.command(read10(0, 8), edtl=4096, read=True)
+    [task] = s.conn.receive_data(wire(cmd))  # handed to the driver, not finished yet
+    s.conn.receive_data(wire(W.TaskManagementRequest(
+        itt=90, function=1, lun=0, ref_itt=cmd.itt, cmdsn=s.cmdsn, exp_statsn=0,
+        ref_cmdsn=cmd.cmdsn, immediate=True)))
+    assert s.conn.data_to_send() == []  # no answer while the task may still run
+    s.conn.complete(task, None)  # the driver skipped it (or finished it)
+    s.reader.feed(b"".join(bytes(p) for p in s.conn.data_to_send()))
+    frame = s.reader.next_frame()
+    assert frame.opcode == W.Op.TMF_RSP and frame.bhs[2] == 0
+    assert s.reader.next_frame() is None  # and no SCSI response for the aborted task

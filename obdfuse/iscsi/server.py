@@ -110,6 +110,8 @@ class IscsiServer:
             await self._run_connection(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("iSCSI connection ended: %s", exc)
+        except Exception:  # a bug must cost one connection, never the target
+            log.exception("iSCSI connection failed")
         finally:
             self._conn_count -= 1
             await trio.aclose_forcefully(stream)
@@ -192,6 +194,7 @@ class IscsiServer:
             async for batch in recv_batches:
                 for task in batch:
                     if task.aborted:
+                        conn.complete(task, None)
                         continue
                     lu = self.config.luns[task.lun]
                     result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
@@ -264,6 +267,7 @@ async def serve_iscsi(device: BlockDevice, listen: str = f"127.0.0.1:{DEFAULT_PO
     Use inside a trio nursery: `port = await nursery.start(serve_iscsi, dev, ...)`.
     """
     host, port = parse_listen(listen)
-    lu = LogicalUnit(device, name=iqn)
+    # The LU identity (VPD 80h/83h) follows the target name and the backing device.
+    lu = LogicalUnit(device, name=f"{iqn}:{getattr(device, 'name', '')}")
     config = TargetConfig(iqn=iqn, luns={0: lu}, chap=chap)
     await IscsiServer(config, limits).serve(host, port, task_status=task_status)
