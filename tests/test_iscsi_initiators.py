@@ -184,3 +184,25 @@ def test_header_digest_crc32c(disk, tmp_path):
                 "lun=0,header-digest=crc32c")
         run("qemu-img", "convert", "--image-opts", opts, "-O", "raw", str(out))
     assert sha256(out) == sha256(disk)
+
+
+def test_serve_iscsi_inside_a_trio_nursery(disk):
+    """The daemon's way in: `await nursery.start(serve_iscsi, device, listen, iqn, chap)`."""
+    import trio
+
+    from obdfuse.device import RawFileDevice
+    from obdfuse.iscsi import serve_iscsi
+
+    async def main() -> str:
+        device = RawFileDevice(disk)
+        try:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(serve_iscsi, device, "127.0.0.1:0", OBDFUSE_IQN, None)
+                url = f"iscsi://127.0.0.1:{port}/{OBDFUSE_IQN}/0"
+                done = await trio.run_process(["iscsi-readcapacity16", url], capture_stdout=True)
+                nursery.cancel_scope.cancel()
+                return done.stdout.decode()
+        finally:
+            await device.aclose()
+
+    assert f"Total size:{32 << 20}" in trio.run(main)
