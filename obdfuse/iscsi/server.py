@@ -105,6 +105,10 @@ class IscsiServer:
         try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            with contextlib.suppress(OSError, AttributeError):  # a dead peer frees its slot
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
             with contextlib.suppress(OSError):  # room for a few big Data-In PDUs per send
                 stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             await self._run_connection(stream)
