@@ -7,11 +7,13 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
 from obdfuse import runstate
 from obdfuse.cli.params import SIZE
+from obdfuse.cli.registry_opts import registry_options, remote_cache_options, remote_options_from
 from obdfuse.daemon import (
     MountSettings,
     Readiness,
@@ -23,7 +25,7 @@ from obdfuse.daemon import (
 from obdfuse.device import BlockDevice, RawFileDevice
 from obdfuse.errors import ObdfuseError
 from obdfuse.fs import STAT_NAME
-from obdfuse.mountpoint import fuse_unmount, is_mounted
+from obdfuse.mountpoint import FSTYPE, fuse_unmount, mounts
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -32,7 +34,10 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 @click.option("--upper", type=click.Path(path_type=Path), help="Writable layer directory "
               "(DIR/data, DIR/index; created when missing). Without it the image is read-only.")
 @click.option("--size", type=SIZE, help="Virtual disk size for a new upper layer with no lowers.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache for remote blobs.")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Persistent cache of remote blobs [default: /var/cache/obdfuse].")
+@remote_cache_options
+@registry_options
 @click.option("--foreground", "-f", is_flag=True,
               help="Stay attached (for a supervisor); logs go to stderr.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -44,7 +49,7 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 @click.option("--raw", type=click.Choice(["ro", "rw"]), hidden=True,
               help="Serve IMAGE as a plain disk image file (testing and benchmarks).")
 @click.option("--max-tasks", type=click.IntRange(1, 256), default=16, hidden=True)
-@click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=1024, hidden=True)
+@click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=4096, hidden=True)
 @click.argument("image")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def mount(
@@ -60,6 +65,7 @@ def mount(
     raw: str | None,
     max_tasks: int,
     readahead_kb: int,
+    **remote_kw: Any,
 ) -> None:
     """Expose IMAGE (config.v1.json, layer file or image reference) as MOUNTPOINT/image.
 
@@ -68,16 +74,29 @@ def mount(
     """
     if raw and (upper or size):
         raise click.UsageError("--raw cannot be combined with --upper/--size")
+    if size is not None and upper is None:
+        raise click.UsageError("--size sizes a new writable layer: it needs --upper DIR")
+
+    # The daemon runs from /: make local paths absolute (image references stay as they are).
+    if os.path.exists(image):
+        image = os.path.abspath(image)
+    upper = Path(os.path.abspath(upper)) if upper else None
+    cache_dir = Path(os.path.abspath(cache_dir)) if cache_dir else None
+    mountpoint = Path(os.path.abspath(mountpoint))
+    log_path = Path(os.path.abspath(log_file or runstate.default_log_path(mountpoint)))
+    # Registry options only matter for image references; local images skip the
+    # registry client (and its memory) entirely.
+    local = raw is not None or os.path.exists(image)
+    remote = None if local else remote_options_from({**remote_kw, "cache_dir": cache_dir})
 
     async def open_device() -> BlockDevice:
         if raw:
             return RawFileDevice(image, read_only=raw == "ro")
         from obdfuse.image import open_image
 
-        return await open_image(image, upper=upper, size=size, cache_dir=cache_dir)
+        return await open_image(image, upper=upper, size=size, cache_dir=cache_dir,
+                                remote=remote)
 
-    mountpoint = Path(os.path.abspath(mountpoint))
-    log_path = log_file or runstate.default_log_path(mountpoint)
     settings = MountSettings(
         mountpoint=mountpoint,
         image=image,
@@ -106,7 +125,10 @@ def umount(mountpoint: Path, timeout: float, lazy: bool) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has flushed and exited."""
     mountpoint = Path(os.path.abspath(mountpoint))
     record = runstate.read_record(mountpoint)
-    mounted = is_mounted(mountpoint)
+    kind = mounts().get(str(mountpoint))
+    if kind is not None and kind != FSTYPE:
+        raise ObdfuseError(f"{mountpoint} is not an obdfuse mount ({kind}); not touching it")
+    mounted = kind is not None
     if record is None and mounted:  # started with another run directory: ask the mount
         record = _record_from_stat_file(mountpoint)
     daemon_alive = record is not None and record.alive()
