@@ -14,15 +14,6 @@ KNOWN_FAILURES: dict[str, str] = {}
 
 # Tests that skip (libiscsi counts them as passes; we do not), by reason.
 _SKIP_REASONS = {
-    "persistent reservations (PR IN/OUT) are not implemented": [
-        "PrinReadKeys.Simple", "PrinReadKeys.Truncate", "PrinServiceactionRange.Range",
-        "PrinReportCapabilities.Simple", "ProutRegister.Simple", "ProutClear.Simple",
-        "ProutPreempt.RemoveRegistration",
-        *(f"ProutReserve.{t}" for t in (
-            "Simple", "AccessEA", "AccessWE", "AccessEARO", "AccessWERO", "AccessEAAR",
-            "AccessWEAR", "OwnershipEA", "OwnershipWE", "OwnershipEARO", "OwnershipWERO",
-            "OwnershipEAAR", "OwnershipWEAR")),
-    ],
     "EXTENDED COPY / RECEIVE COPY RESULTS are not implemented": [
         *(f"ExtendedCopy.{t}" for t in ("Simple", "ParamHdr", "DescrLimits", "DescrType",
                                          "ValidTgtDescr", "ValidSegDescr")),
