@@ -34,12 +34,7 @@ _SKIP_REASONS = {
         f"WriteAtomic16.{t}" for t in ("Simple", "BeyondEol", "ZeroBlocks", "WriteProtect",
                                         "DpoFua", "VPD")
     ],
-    "READ DEFECT DATA is not implemented (no defect lists on a virtual disk)": [
-        "ReadDefectData10.Simple", "ReadDefectData12.Simple",
-    ],
     "needs a read-only LU (covered by test_read_only_lun_subset)": ["ReadOnly.ReadOnlySBC"],
-    "libiscsi reads INVALID FIELD IN CDB for a 'one command' query of an opcode "
-    "without service actions as 'not implemented'": ["ReportSupportedOpcodes.OneCommand"],
     "need more than one logical block per physical block (we report LBPPBE 0, "
     "see docs/benchmarks.md)": [
         "CompareAndWrite.InvalidDataOutSize", "WriteSame10.UnmapUnaligned",

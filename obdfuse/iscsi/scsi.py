@@ -59,7 +59,8 @@ _OPCODES: dict[int, tuple[int, str]] = {
     0x16: (6, "RESERVE(6)"), 0x17: (6, "RELEASE(6)"), 0x1A: (6, "MODE SENSE(6)"),
     0x1B: (6, "START STOP UNIT"), 0x25: (10, "READ CAPACITY(10)"), 0x28: (10, "READ(10)"),
     0x2A: (10, "WRITE(10)"), 0x2E: (10, "WRITE AND VERIFY(10)"), 0x2F: (10, "VERIFY(10)"),
-    0x34: (10, "PRE-FETCH(10)"), 0x35: (10, "SYNCHRONIZE CACHE(10)"),
+    0x34: (10, "PRE-FETCH(10)"), 0x37: (10, "READ DEFECT DATA(10)"),
+    0xB7: (12, "READ DEFECT DATA(12)"), 0x35: (10, "SYNCHRONIZE CACHE(10)"),
     0x41: (10, "WRITE SAME(10)"), 0x42: (10, "UNMAP"), 0x5A: (10, "MODE SENSE(10)"),
     0x88: (16, "READ(16)"), 0x89: (16, "COMPARE AND WRITE"), 0x8A: (16, "WRITE(16)"),
     0x8B: (16, "ORWRITE(16)"), 0x8E: (16, "WRITE AND VERIFY(16)"), 0x8F: (16, "VERIFY(16)"),
@@ -469,6 +470,16 @@ class LogicalUnit:
         await self.device.flush()
         return ScsiResult()
 
+    async def _read_defect_data(self, nexus, cdb, data) -> ScsiResult:
+        """A virtual disk has no defects: an empty list in the requested format."""
+        if cdb[0] == 0x37:
+            flags, alloc = cdb[2], _be(cdb, 7, 9)
+            out = bytes([0, flags & 0x1F, 0, 0])
+        else:
+            flags, alloc = cdb[1], _be(cdb, 6, 10)
+            out = bytes([0, flags & 0x1F, 0, 0, 0, 0, 0, 0])
+        return ScsiResult(data=_truncate(out, alloc))
+
     async def _start_stop(self, nexus, cdb, data) -> ScsiResult:
         return ScsiResult()
 
@@ -744,16 +755,17 @@ class LogicalUnit:
                 out += n.to_bytes(2, "big") + timeouts
             out[0:4] = (len(out) - 4).to_bytes(4, "big")
             return ScsiResult(data=_truncate(out, alloc))
+        # The field pointer tells initiators this is a bad field, not a missing command.
         if options == 1:
             if any(op == req_op for op, _ in _SERVICE_ACTIONS):
-                raise illegal()
+                raise illegal(field=2)
             entry = _OPCODES.get(req_op)
         elif options == 2:
             if not any(op == req_op for op, _ in _SERVICE_ACTIONS):
-                raise illegal()
+                raise illegal(field=2)
             entry = _SERVICE_ACTIONS.get((req_op, req_sa))
         else:
-            raise illegal()
+            raise illegal(field=2)
         if entry is None:
             out = bytes([0, 0x01, 0, 0])  # not supported
         else:
@@ -781,7 +793,8 @@ def _bind() -> dict:
         0x5A: lu._mode_sense10, 0x89: lu._compare_and_write, 0x8B: lu._orwrite,
         0x8E: lu._write_verify, 0x8F: lu._verify, 0x90: lu._prefetch, 0x91: lu._sync_cache,
         0x93: lu._write_same, 0x9E: lu._service_action_in, 0xA0: lu._report_luns,
-        0x5E: lu._pr_in, 0x5F: lu._pr_out,
+        0x5E: lu._pr_in, 0x5F: lu._pr_out, 0x37: lu._read_defect_data,
+        0xB7: lu._read_defect_data,
         0xA3: lu._maintenance_in, 0xAE: lu._write_verify, 0xAF: lu._verify,
     }
     for op in (0x08, 0x28, 0xA8, 0x88):
