@@ -61,6 +61,9 @@ class MountSettings:
     log_file: str | None = None
     fuse_device: str = "/dev/fuse"
     extra_options: frozenset[str] = field(default_factory=frozenset)
+    #: Started once the mount answers, before readiness is reported: each gets the
+    #: filesystem and the daemon's nursery (trace record/replay, stat providers).
+    services: list[Callable[[ImageFS, trio.Nursery], None]] = field(default_factory=list)
 
     def fuse_options(self) -> set[str]:
         options = set(pyfuse3.default_options) | {"fsname=obdfuse", "subtype=obdfuse"}
@@ -234,6 +237,8 @@ async def _serve_mounted(
             await _wait_until_live(fs, settings)
             if settings.readahead_kb:
                 _set_readahead(settings.mountpoint, settings.readahead_kb)
+            for start_service in settings.services:
+                start_service(fs, nursery)
             record = runstate.MountRecord.for_this_process(
                 str(settings.mountpoint), settings.image, settings.log_file
             )

@@ -15,6 +15,7 @@ from obdfuse.trace.format import (
     MAGIC,
     MAX_PREFETCH_LIST,
     MAX_RECORDS,
+    OP_READ,
     RECORD_SIZE,
     PrefetchPath,
     TraceMode,
@@ -90,7 +91,7 @@ def test_absurd_size_rejected_from_the_header_alone():
         decode_header(head, 1 << 40)
 
 
-def with_record(op=ord("R"), layer=0, count=4096, offset=0) -> bytes:
+def with_record(op=OP_READ, layer=0, count=4096, offset=0) -> bytes:
     body = struct.pack("<B3xIQQ", op, layer, count, offset)
     return struct.pack("<I4xQI4x", MAGIC, len(body), crc_raw(body)) + body
 

@@ -22,7 +22,7 @@ from obdfuse.daemon import (
 )
 from obdfuse.device import BlockDevice, RawFileDevice
 from obdfuse.errors import ObdfuseError
-from obdfuse.fs import STAT_NAME
+from obdfuse.fs import IMAGE_NAME, STAT_NAME
 from obdfuse.mountpoint import fuse_unmount, is_mounted
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -43,6 +43,14 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
               help="Seconds to wait for the mount to become ready.")
 @click.option("--raw", type=click.Choice(["ro", "rw"]), hidden=True,
               help="Serve IMAGE as a plain disk image file (testing and benchmarks).")
+@click.option("--record-trace", type=click.Path(path_type=Path), metavar="PATH",
+              help="Record the reads of the image's layers into PATH (overlaybd trace "
+              "format) until PATH.lock is deleted or the image is unmounted.")
+@click.option("--replay-trace", type=click.Path(path_type=Path), metavar="PATH",
+              help="Prefetch what a trace (or a prefetch list of paths) names, in the "
+              "background, once mounted.")
+@click.option("--prefetch-concurrency", type=click.IntRange(1, 256), default=16,
+              show_default=True, help="Parallel requests of --replay-trace.")
 @click.option("--max-tasks", type=click.IntRange(1, 256), default=16, hidden=True)
 @click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=1024, hidden=True)
 @click.argument("image")
@@ -60,6 +68,9 @@ def mount(
     raw: str | None,
     max_tasks: int,
     readahead_kb: int,
+    record_trace: Path | None = None,
+    replay_trace: Path | None = None,
+    prefetch_concurrency: int = 16,
 ) -> None:
     """Expose IMAGE (config.v1.json, layer file or image reference) as MOUNTPOINT/image.
 
@@ -87,6 +98,9 @@ def mount(
         log_file=None if foreground else str(log_path),
     )
 
+    settings.services += _trace_services(image, mountpoint, raw, record_trace, replay_trace,
+                                         prefetch_concurrency)
+
     def serve(readiness: Readiness) -> int:
         setup_logging(log_level)
         return run(open_device, settings, readiness)
@@ -94,6 +108,50 @@ def mount(
     if foreground:
         raise SystemExit(serve(StderrReadiness()))
     daemonize(serve, log_file=log_path, timeout=timeout)
+
+
+def _trace_services(image: str, mountpoint: Path, raw: str | None, record: Path | None,
+                    replay: Path | None, concurrency: int) -> list:
+    """Services for the daemon: remote stats, and the trace mode (options or config)."""
+    services = []
+    if not raw and not Path(image).exists():  # an image reference: publish lazy-fetch stats
+        def publish_remote_stats(fs, nursery) -> None:
+            from obdfuse.remote_image import remote_stats
+
+            fs.stat_providers.append(remote_stats)
+
+        services.append(publish_remote_stats)
+    from obdfuse.trace.session import TraceService, TraceSettings
+
+    if record and replay:
+        raise click.UsageError("--record-trace and --replay-trace exclude each other")
+    if raw and (record or replay):
+        raise click.UsageError("--raw images have no layers to trace")
+    if record:
+        trace = TraceSettings.for_record(record, concurrency=concurrency)
+    elif replay:
+        trace = TraceSettings.for_replay(replay, concurrency=concurrency)
+    elif not raw and _is_config_file(image):
+        from obdfuse.layers.config import load_config
+
+        trace = TraceSettings.from_config(load_config(image), concurrency=concurrency)
+    else:
+        return services
+    if trace.enabled:
+        service = TraceService(trace, image_file=mountpoint / IMAGE_NAME.decode())
+        services.append(service.start)
+    return services
+
+
+def _is_config_file(image: str) -> bool:
+    """A config.v1.json (the file `open_image` would read as a config)."""
+    path = Path(image)
+    if not path.is_file():
+        return False
+    if path.suffix == ".json":
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(64).lstrip()[:1] == b"{"
 
 
 @click.command()

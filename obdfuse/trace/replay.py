@@ -217,7 +217,8 @@ async def run_fills(fills: list[Fill], stats: ReplayStats, *,
             inflight += 1
             try:
                 if fill.cached:
-                    stats.chunks_missing += await fill.target.prefetch(fill.offset, fill.length)
+                    missing = await fill.target.prefetch(fill.offset, fill.length)
+                    stats.chunks_missing += missing
                 else:
                     await fill.target.pread(fill.offset, fill.length)
                 stats.fills_done += 1
