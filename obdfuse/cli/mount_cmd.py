@@ -51,6 +51,11 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
               "background, once mounted.")
 @click.option("--prefetch-concurrency", type=click.IntRange(1, 256), default=16,
               show_default=True, help="Parallel requests of --replay-trace.")
+@click.option("--prefetch-window", type=SIZE, default="2M", show_default=True,
+              help="Bytes a trace replay keeps in flight to the registry (small keeps "
+              "the start-up's order on a slow link).")
+@click.option("--prefetch-request-size", type=SIZE, default="1M", hidden=True,
+              help="Largest range request a trace replay merges neighbouring chunks into.")
 @click.option("--max-tasks", type=click.IntRange(1, 256), default=16, hidden=True)
 @click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=1024, hidden=True)
 @click.argument("image")
@@ -71,6 +76,8 @@ def mount(
     record_trace: Path | None = None,
     replay_trace: Path | None = None,
     prefetch_concurrency: int = 16,
+    prefetch_request_size: int = 1 << 20,
+    prefetch_window: int = 2 << 20,
 ) -> None:
     """Expose IMAGE (config.v1.json, layer file or image reference) as MOUNTPOINT/image.
 
@@ -99,7 +106,8 @@ def mount(
     )
 
     settings.services += _trace_services(image, mountpoint, raw, record_trace, replay_trace,
-                                         prefetch_concurrency)
+                                         prefetch_concurrency, prefetch_request_size,
+                                         prefetch_window)
 
     def serve(readiness: Readiness) -> int:
         setup_logging(log_level)
@@ -111,7 +119,8 @@ def mount(
 
 
 def _trace_services(image: str, mountpoint: Path, raw: str | None, record: Path | None,
-                    replay: Path | None, concurrency: int) -> list:
+                    replay: Path | None, concurrency: int, request_size: int,
+                    window: int) -> list:
     """Services for the daemon: remote stats, and the trace mode (options or config)."""
     services = []
     if not raw and not Path(image).exists():  # an image reference: publish lazy-fetch stats
@@ -127,14 +136,15 @@ def _trace_services(image: str, mountpoint: Path, raw: str | None, record: Path 
         raise click.UsageError("--record-trace and --replay-trace exclude each other")
     if raw and (record or replay):
         raise click.UsageError("--raw images have no layers to trace")
+    tuning = {"concurrency": concurrency, "max_request": request_size, "window": window}
     if record:
-        trace = TraceSettings.for_record(record, concurrency=concurrency)
+        trace = TraceSettings.for_record(record, **tuning)
     elif replay:
-        trace = TraceSettings.for_replay(replay, concurrency=concurrency)
+        trace = TraceSettings.for_replay(replay, **tuning)
     elif not raw and _is_config_file(image):
         from obdfuse.layers.config import load_config
 
-        trace = TraceSettings.from_config(load_config(image), concurrency=concurrency)
+        trace = TraceSettings.from_config(load_config(image), **tuning)
     else:
         return services
     if trace.enabled:

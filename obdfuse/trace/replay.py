@@ -11,9 +11,14 @@ Runs are issued in the order the start-up first needed them. Layers with no
 cache below (local files) are read in pieces of at most 1 MiB, which warms
 the page cache and the hot-block cache.
 
-Running: `concurrency` workers (default 16) take fills in order. Prefetch
-yields to demand reads: while a demand fetch is in flight on the cache, at
-most `busy_concurrency` prefetch requests run. A failing fill is logged and
+Running: `concurrency` workers (default 16) take fills in order. Registry
+fills are further bounded by `window` bytes in flight (default 2 MiB): on a
+bandwidth-bound link, many parallel requests share the link and all finish
+late, so the block the start-up needs first would arrive last; a small
+window keeps the link busy while data arrives in the order it is needed
+(measured in scripts/bench/coldstart.py). Prefetch yields to demand reads:
+while a demand fetch is in flight on the cache, at most `busy_concurrency`
+prefetch requests run. A failing fill is logged and
 counted, never fatal; the whole replay is cancellable (it runs in the
 daemon's nursery and stops with the mount).
 """
@@ -41,7 +46,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_BUSY_CONCURRENCY = 4
-DEFAULT_MAX_REQUEST = 8 << 20
+DEFAULT_MAX_REQUEST = 1 << 20
+DEFAULT_WINDOW = 2 << 20
 
 
 def read_trace_file(path: Path, *, layers: int | None = None) -> list[TraceRecord]:
@@ -195,12 +201,15 @@ def _add_direct(out: list[Fill], blob: Any, offset: int, count: int, order: int)
 
 async def run_fills(fills: list[Fill], stats: ReplayStats, *,
                     concurrency: int = DEFAULT_CONCURRENCY,
+                    window: int = DEFAULT_WINDOW,
                     busy_concurrency: int = DEFAULT_BUSY_CONCURRENCY) -> None:
-    """Execute the fills in order with bounded concurrency, yielding to demand reads."""
+    """Execute the fills in order with bounded concurrency and bytes in flight,
+    yielding to demand reads."""
     if concurrency < 1:
         raise ObdfuseError(f"prefetch concurrency must be at least 1, not {concurrency}")
     pending = iter(fills)
     inflight = 0
+    inflight_bytes = 0
     reported: set[str] = set()
     stats.state = "running"
     stats._started = time.monotonic()
@@ -209,12 +218,20 @@ async def run_fills(fills: list[Fill], stats: ReplayStats, *,
         cache = getattr(fill.target, "cache", None)
         return bool(getattr(cache, "demand_active", 0))
 
+    def must_wait(fill: Fill) -> bool:
+        if not inflight:
+            return False
+        if fill.cached and inflight_bytes + fill.length > window:
+            return True
+        return demand_busy(fill) and inflight >= busy_concurrency
+
     async def worker() -> None:
-        nonlocal inflight
+        nonlocal inflight, inflight_bytes
         for fill in pending:
-            while demand_busy(fill) and inflight >= busy_concurrency:
-                await trio.sleep(0.005)
+            while must_wait(fill):
+                await trio.sleep(0.002)
             inflight += 1
+            inflight_bytes += fill.length if fill.cached else 0
             try:
                 if fill.cached:
                     missing = await fill.target.prefetch(fill.offset, fill.length)
@@ -232,6 +249,7 @@ async def run_fills(fills: list[Fill], stats: ReplayStats, *,
                                 fill.length, fill.offset, fill.target.name, exc)
             finally:
                 inflight -= 1
+                inflight_bytes -= fill.length if fill.cached else 0
 
     try:
         async with trio.open_nursery() as nursery:
@@ -247,12 +265,13 @@ async def run_fills(fills: list[Fill], stats: ReplayStats, *,
 
 async def replay_records(stack: Stack, records: list[TraceRecord], stats: ReplayStats, *,
                          concurrency: int = DEFAULT_CONCURRENCY,
-                         max_request: int = DEFAULT_MAX_REQUEST) -> None:
+                         max_request: int = DEFAULT_MAX_REQUEST,
+                         window: int = DEFAULT_WINDOW) -> None:
     """Plan and run the prefetch of `records` against `stack`."""
     fills = plan_fills(stack, records, stats, max_request=max_request)
     log.info("trace: replaying %d records as %d fills (%d bytes) from %s", stats.records,
              len(fills), stats.planned_bytes, stats.source)
-    await run_fills(fills, stats, concurrency=concurrency)
+    await run_fills(fills, stats, concurrency=concurrency, window=window)
     log.info("trace: prefetch done in %.2f s: %d fills, %d chunks fetched, %d errors",
              stats.seconds, stats.fills_done, stats.chunks_missing, stats.errors)
 

@@ -24,6 +24,8 @@ from obdfuse.trace.format import TraceMode, classify, parse_prefetch_list
 from obdfuse.trace.recorder import TraceRecorder, record_until_unlocked
 from obdfuse.trace.replay import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_REQUEST,
+    DEFAULT_WINDOW,
     ReplayStats,
     read_trace_file,
     records_for_extents,
@@ -56,6 +58,8 @@ class TraceSettings:
     mode: TraceMode = TraceMode.DISABLED
     path: Path | None = None
     concurrency: int = DEFAULT_CONCURRENCY
+    max_request: int = DEFAULT_MAX_REQUEST
+    window: int = DEFAULT_WINDOW
 
     @property
     def enabled(self) -> bool:
@@ -158,7 +162,9 @@ class TraceService:
             else:
                 records = await self._resolve_list(stack, path, image_file)
             await replay_records(stack, records, self.replay,
-                                 concurrency=self.settings.concurrency)
+                                 concurrency=self.settings.concurrency,
+                                 max_request=self.settings.max_request,
+                                 window=self.settings.window)
         except (ObdfuseError, OSError) as exc:
             self.error = str(exc)
             self.replay.state = "failed"
