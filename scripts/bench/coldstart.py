@@ -23,6 +23,7 @@ Usage: scripts/bench/coldstart.py [--mbit 100] [--rtt-ms 20] [--rounds 3]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import trio
@@ -38,7 +40,6 @@ import trio
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from obdfuse.asyncio_bridge import run_in_asyncio  # noqa: E402
 from obdfuse.registry.push import push_layers  # noqa: E402
 from obdfuse.registry.session import Registry  # noqa: E402
 from tests.support.images import make_layer  # noqa: E402
@@ -47,7 +48,8 @@ from tests.support.registry import RegistryServer  # noqa: E402
 from tests.support.slowproxy import SlowProxy  # noqa: E402
 
 MiB = 1 << 20
-IMAGE_SIZE = 1024 * MiB
+IMAGE_SIZE = 2048 * MiB
+FILLER = [Path("/usr/lib/x86_64-linux-gnu")]
 PYTHON = Path("/usr/bin/python3.11")
 PROGRAM = "import json, http.client, email.parser, argparse, logging, decimal, sqlite3, asyncio"
 
@@ -63,8 +65,17 @@ def shared_libs(binary: Path) -> list[Path]:
     return libs
 
 
-def build_tree(root: Path) -> None:
-    """The interpreter, its stdlib (no site/dist-packages) and every library they link."""
+def build_tree(root: Path, filler: list[Path]) -> None:
+    """The interpreter, its stdlib (no site/dist-packages), every library they link, and
+    `filler` directories (the rest of an OS image, which the start-up does not read)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for top in ("bin", "lib", "lib64", "sbin"):  # merged /usr, like the host
+        if os.path.islink(f"/{top}"):
+            (root / top).symlink_to(os.readlink(f"/{top}"))
+            (root / top).resolve().mkdir(parents=True, exist_ok=True)
+    for folder in filler:
+        shutil.copytree(folder, root / folder.relative_to("/"), symlinks=True,
+                        dirs_exist_ok=True)
     stdlib = Path("/usr/lib/python3.11")
     shutil.copytree(stdlib, root / "usr/lib/python3.11", symlinks=True,
                     ignore=shutil.ignore_patterns("dist-packages", "site-packages", "test"))
@@ -72,16 +83,16 @@ def build_tree(root: Path) -> None:
     for binary in binaries:
         for lib in shared_libs(binary):
             dest = root / lib.relative_to("/")
-            if not dest.exists():
+            if not dest.exists() and not dest.is_symlink():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(lib, dest)  # follows symlinks: a real file at the linked path
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
     shutil.copy2(PYTHON, root / "usr/bin/python3")
 
 
-def make_image_layer(work: Path) -> Path:
+def make_image_layer(work: Path, filler: list[Path]) -> Path:
     tree, raw = work / "tree", work / "python.ext4"
-    build_tree(tree)
+    build_tree(tree, filler)
     with open(raw, "wb") as fh:
         fh.truncate(IMAGE_SIZE)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-d", str(tree), str(raw)],
@@ -93,6 +104,7 @@ def make_image_layer(work: Path) -> Path:
             if piece.count(0) != len(piece):
                 writes.append((off, piece))
     raw.unlink()
+    shutil.rmtree(tree)
     return make_layer(work, "python", IMAGE_SIZE, writes)
 
 
@@ -129,23 +141,26 @@ def timed_start(kit: MountKit, image: str, work: Path, name: str, *args: str) ->
     return {"seconds": elapsed, **totals}
 
 
-async def download(ref: str, dest: Path) -> int:
-    reg = Registry.open(ref)
-    try:
-        image = await reg.resolve()
-        (desc,) = image.manifest.layers
-        data = await run_in_asyncio(reg.client.get_blob, image.reference.repository,
-                                    desc.digest, desc.size, 600.0)
-    finally:
-        await reg.aclose()
-    dest.write_bytes(data)
-    return len(data)
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def full_start(kit: MountKit, ref: str, work: Path, name: str) -> dict:
+def download(host: str, repository: str, digest: str, dest: Path) -> int:
+    """GET the whole blob through the proxy into `dest` (streamed), like a plain pull."""
+    url = f"http://{host}/v2/{repository}/blobs/{digest}"
+    with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as out:
+        shutil.copyfileobj(resp, out, 1 << 20)
+    return dest.stat().st_size
+
+
+def full_start(kit: MountKit, host: str, digest: str, work: Path, name: str) -> dict:
     start = time.perf_counter()
     local = work / f"{name}.layer"
-    nbytes = trio.run(download, ref, local)
+    nbytes = download(host, "coldstart", digest, local)
     mount = kit.mount(local, mountpoint=work / f"mnt-{name}")
     start_program(kit, mount.image_path, work / f"root-{name}")
     elapsed = time.perf_counter() - start
@@ -168,6 +183,8 @@ def main() -> None:
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, help="keep (and reuse) the image and trace here")
+    ap.add_argument("--no-filler", action="store_true",
+                    help=f"leave out {FILLER[0]} (an image of just the interpreter)")
     ap.add_argument("--replay-args", default="", help="extra mount options for trace runs")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -178,7 +195,7 @@ def main() -> None:
         keep.mkdir(parents=True, exist_ok=True)
         layer = keep / "python.commit"
         if not layer.exists():
-            layer = make_image_layer(keep)
+            layer = make_image_layer(keep, [] if args.no_filler else FILLER)
         trace = keep / "startup.trace"
         results: dict[str, list[dict]] = {"cold": [], "trace": [], "full": []}
         with MountKit(work) as kit, RegistryServer(work / "registry") as registry:
@@ -189,6 +206,7 @@ def main() -> None:
             info = json.loads(kit.obdfuse("trace", "info", "--json", str(trace)).stdout)
             ref = trio.run(push, registry.host, layer)
             digest = ref.split("@", 1)[1]
+            blob_digest = "sha256:" + file_sha256(layer)  # push uploads the file as is
             with SlowProxy(registry.port, mbit=args.mbit, rtt_ms=args.rtt_ms) as proxy:
                 slow_ref = f"{proxy.host}/coldstart@{digest}"
                 for r in range(args.rounds):
@@ -197,7 +215,8 @@ def main() -> None:
                     results["trace"].append(timed_start(
                         kit, slow_ref, work, f"trace{r}", "--cache-dir", str(work / f"t{r}"),
                         "--replay-trace", str(trace), *args.replay_args.split()))
-                    results["full"].append(full_start(kit, slow_ref, work, f"full{r}"))
+                    results["full"].append(
+                        full_start(kit, proxy.host, blob_digest, work, f"full{r}"))
     report(args, info, results)
 
 
