@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from obdfuse.trace.format import TraceMode, TraceRecord, parse_prefetch_list
+from obdfuse.trace.format import TraceMode, TraceRecord, read_prefetch_list
 from obdfuse.trace.replay import read_trace_file
 from obdfuse.trace.session import trace_mode
 
@@ -58,7 +58,7 @@ def info(file: Path, as_json: bool) -> None:
         doc.update(describe_records(read_trace_file(file)))
     elif mode is TraceMode.PREFETCH_LIST:
         doc["format"] = "prefetch-list"
-        entries = parse_prefetch_list(file.read_bytes()[: 64 * 1024 + 1], where=str(file))
+        entries = read_prefetch_list(str(file))
         doc["paths"] = [e.path + ("/" if e.walk else "") for e in entries]
     else:
         doc["format"] = "empty"

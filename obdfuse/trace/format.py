@@ -10,7 +10,7 @@ Prefetch list (§7.2): text of at most 64 KiB, one absolute path per line,
 surrounding spaces trimmed; a trailing `/` or `*` asks for a directory walk.
 
 `classify(size, head)` is the mode decision of §7.2 on a trace path's state.
-No IO here.
+No IO here, except `read_prefetch_list`, a bounded read of a list file.
 """
 
 from __future__ import annotations
@@ -162,6 +162,13 @@ def parse_prefetch_list(data: bytes, *, where: str = "prefetch list") -> list[Pr
             raise FormatError(f"{where}: line {lineno}: {line!r} is not an absolute path")
         out.append(PrefetchPath(path or "/", walk))
     return out
+
+
+def read_prefetch_list(path: str, *, where: str | None = None) -> list[PrefetchPath]:
+    """Read and parse a prefetch list file, reading at most one byte past the limit."""
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_PREFETCH_LIST + 1)
+    return parse_prefetch_list(data, where=where or str(path))
 
 
 def encode_prefetch_list(paths: Iterable[PrefetchPath]) -> bytes:

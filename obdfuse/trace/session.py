@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from obdfuse.errors import FormatError, ObdfuseError
-from obdfuse.trace.format import TraceMode, classify, parse_prefetch_list
+from obdfuse.trace.format import TraceMode, classify, read_prefetch_list
 from obdfuse.trace.recorder import TraceRecorder, record_until_unlocked
 from obdfuse.trace.replay import (
     DEFAULT_CONCURRENCY,
@@ -175,8 +175,7 @@ class TraceService:
 
         if image_file is None:
             raise ObdfuseError("a prefetch list needs the mounted image file to resolve paths")
-        data = path.read_bytes()[: 64 * 1024 + 1]
-        entries = parse_prefetch_list(data, where=str(path))
+        entries = read_prefetch_list(str(path))
         self.replay.state = "resolving"
         extents = await trio.to_thread.run_sync(
             lambda: resolve_prefetch_list(str(image_file), entries), abandon_on_cancel=True)
