@@ -51,10 +51,9 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
               "background, once mounted.")
 @click.option("--prefetch-concurrency", type=click.IntRange(1, 256), default=16,
               show_default=True, help="Parallel requests of --replay-trace.")
-@click.option("--prefetch-window", type=SIZE, default="2M", show_default=True,
-              help="Bytes a trace replay keeps in flight to the registry (small keeps "
-              "the start-up's order on a slow link).")
-@click.option("--prefetch-request-size", type=SIZE, default="1M", hidden=True,
+@click.option("--prefetch-window", type=SIZE, default="128M", show_default=True,
+              help="Most bytes a trace replay keeps in flight to the registry.")
+@click.option("--prefetch-request-size", type=SIZE, default="8M", hidden=True,
               help="Largest range request a trace replay merges neighbouring chunks into.")
 @click.option("--max-tasks", type=click.IntRange(1, 256), default=16, hidden=True)
 @click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=1024, hidden=True)
@@ -76,8 +75,8 @@ def mount(
     record_trace: Path | None = None,
     replay_trace: Path | None = None,
     prefetch_concurrency: int = 16,
-    prefetch_request_size: int = 1 << 20,
-    prefetch_window: int = 2 << 20,
+    prefetch_request_size: int = 8 << 20,
+    prefetch_window: int = 128 << 20,
 ) -> None:
     """Expose IMAGE (config.v1.json, layer file or image reference) as MOUNTPOINT/image.
 

@@ -11,14 +11,14 @@ Runs are issued in the order the start-up first needed them. Layers with no
 cache below (local files) are read in pieces of at most 1 MiB, which warms
 the page cache and the hot-block cache.
 
-Running: `concurrency` workers (default 16) take fills in order. Registry
-fills are further bounded by `window` bytes in flight (default 2 MiB): on a
-bandwidth-bound link, many parallel requests share the link and all finish
-late, so the block the start-up needs first would arrive last; a small
-window keeps the link busy while data arrives in the order it is needed
-(measured in scripts/bench/coldstart.py). Prefetch yields to demand reads:
-while a demand fetch is in flight on the cache, at most `busy_concurrency`
-prefetch requests run. A failing fill is logged and
+Running: `concurrency` workers (default 16) take fills in order, with at
+most `window` bytes of registry fills in flight (default 128 MiB, i.e. no
+limit beyond the workers). A small window keeps a slow link delivering in
+need order, but measured (scripts/bench/coldstart.py) it did not help on a
+100 Mbit/s link and cost 40 % on a 1 Gbit/s, 50 ms one, where parallel
+8 MiB requests fill the bandwidth-delay product. Prefetch yields to demand
+reads: while a demand fetch is in flight on the cache, at most
+`busy_concurrency` prefetch requests start. A failing fill is logged and
 counted, never fatal; the whole replay is cancellable (it runs in the
 daemon's nursery and stops with the mount).
 """
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_BUSY_CONCURRENCY = 4
-DEFAULT_MAX_REQUEST = 1 << 20
-DEFAULT_WINDOW = 2 << 20
+DEFAULT_MAX_REQUEST = 8 << 20
+DEFAULT_WINDOW = 128 << 20
 
 
 def read_trace_file(path: Path, *, layers: int | None = None) -> list[TraceRecord]:
