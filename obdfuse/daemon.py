@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyfuse3
 import trio
@@ -56,14 +56,16 @@ class MountSettings:
     mountpoint: Path
     image: str  # what was mounted, for logs, the stat file and the mount record
     max_tasks: int = 16  # FUSE requests handled concurrently
-    readahead_kb: int | None = 1024  # kernel readahead on the FUSE file (None: kernel default)
+    readahead_kb: int | None = 4096  # kernel readahead on the FUSE file (None: kernel default)
     ready_timeout: float = 60.0
     log_file: str | None = None
     fuse_device: str = "/dev/fuse"
     extra_options: frozenset[str] = field(default_factory=frozenset)
-    #: Started once the mount answers, before readiness is reported: each gets the
-    #: filesystem and the daemon's nursery (trace record/replay, stat providers).
-    services: list[Callable[[ImageFS, trio.Nursery], None]] = field(default_factory=list)
+    #: Tasks run beside the FUSE loop once the mount is live (iSCSI target,
+    #: prefetch, background fill); cancelled when the mount stops.
+    services: list[Callable[[BlockDevice], Awaitable[None]]] = field(default_factory=list)
+    #: Extra fields for `.obdfuse-stat` (see ImageFS.stat_providers).
+    stat_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
 
     def fuse_options(self) -> set[str]:
         options = set(pyfuse3.default_options) | {"fsname=obdfuse", "subtype=obdfuse"}
@@ -211,18 +213,55 @@ async def _await_stop_signal(
         return
 
 
+async def _open_unless_signalled(open_device: DeviceOpener, signals: object) -> BlockDevice:
+    """Open the device; a SIGTERM/SIGINT meanwhile (a registry that does not answer) aborts."""
+    stopped_by: list[str] = []
+    device: BlockDevice | None = None
+    failure: Exception | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            async for signum in signals:  # type: ignore[attr-defined]
+                stopped_by.append(signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                return
+
+        nursery.start_soon(watch)
+        try:
+            device = await open_device()
+        except Exception as exc:  # raised as itself, not wrapped in an ExceptionGroup
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if stopped_by or device is None:
+        if device is not None:  # the signal came just as the open finished
+            await device.aclose()
+        raise ObdfuseError(f"stopped by {stopped_by[0]} while opening the image")
+    return device
+
+
 async def serve(open_device: DeviceOpener, settings: MountSettings, readiness: Readiness) -> None:
     """Mount, report readiness, serve until unmounted or signalled, flush, clean up."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         check_fuse_device(settings.fuse_device)
         settings.mountpoint = check_mountpoint(settings.mountpoint)
-        device = await open_device()
+        device = await _open_unless_signalled(open_device, signals)
         try:
             fs = ImageFS(device, image_name=settings.image)
+            fs.stat_providers.extend(settings.stat_providers)
+            _add_remote_stats(fs)
             _mount_fuse(fs, settings)
             await _serve_mounted(fs, settings, readiness, signals)
         finally:
             await device.aclose()
+
+
+def _add_remote_stats(fs: ImageFS) -> None:
+    """Publish lazy-fetch statistics in the stat file when the image is remote."""
+    remote = sys.modules.get("obdfuse.remote_image")  # only imported for image references
+    if remote is not None and remote.OPEN_IMAGES:
+        fs.stat_providers.append(remote.remote_stats)
 
 
 async def _serve_mounted(
@@ -237,8 +276,6 @@ async def _serve_mounted(
             await _wait_until_live(fs, settings)
             if settings.readahead_kb:
                 _set_readahead(settings.mountpoint, settings.readahead_kb)
-            for start_service in settings.services:
-                start_service(fs, nursery)
             record = runstate.MountRecord.for_this_process(
                 str(settings.mountpoint), settings.image, settings.log_file
             )
@@ -251,6 +288,8 @@ async def _serve_mounted(
             sd_notify("READY=1", f"STATUS=serving {settings.image} at {settings.mountpoint}")
             readiness.ready()
             nursery.start_soon(_await_stop_signal, signals, fs, shutdown)
+            for service in settings.services:
+                nursery.start_soon(service, fs.device)
         unmount = shutdown.requested_by is not None
         if not unmount:
             log.info("%s was unmounted; flushing and exiting", settings.mountpoint)
@@ -272,11 +311,13 @@ def run(open_device: DeviceOpener, settings: MountSettings, readiness: Readiness
 
     try:
         trio.run(serve, open_device, settings, readiness)
-    except (ObdfuseError, OSError) as exc:
-        message = describe_error(exc)
-    except Exception as exc:
-        log.exception("mount daemon failed")
-        message = f"internal error: {type(exc).__name__}: {exc}"
+    except Exception as raised:
+        exc = _single_cause(raised)
+        if isinstance(exc, ObdfuseError | OSError):
+            message = describe_error(exc)
+        else:
+            log.error("mount daemon failed", exc_info=raised)
+            message = f"internal error: {type(exc).__name__}: {exc}"
     else:
         return 0
     if readiness.is_ready:
@@ -284,6 +325,13 @@ def run(open_device: DeviceOpener, settings: MountSettings, readiness: Readiness
     else:
         readiness.failed(message)
     return 1
+
+
+def _single_cause(exc: Exception) -> Exception:
+    """The one exception inside (nested) single-member exception groups, else `exc`."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: float) -> int:
@@ -304,6 +352,8 @@ def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: flo
         try:
             os.close(read_end)
             os.setsid()
+            os.chdir("/")  # keep no directory busy; the CLI passes absolute paths
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no terminal to hang up any more
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(log_fd, 1)

@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 from obdfuse.blob import clamp
 
 SECTOR = 512
+THREADED_READ = 128 * 1024  # reads this large run in a worker thread
 
 
 @runtime_checkable
@@ -64,6 +65,10 @@ class RawFileDevice:
 
     async def pread(self, offset: int, length: int) -> bytes:
         n = clamp(self._size, offset, length)
+        if n >= THREADED_READ:  # big copies overlap with the event loop's other work
+            import trio
+
+            return await trio.to_thread.run_sync(os.pread, self._fd, n, offset)
         return os.pread(self._fd, n, offset) if n else b""
 
     async def pwrite(self, offset: int, data: bytes) -> None:

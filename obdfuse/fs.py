@@ -256,6 +256,19 @@ class ImageFS(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return []
 
+    # -- the tree is fixed: refuse changes clearly instead of ENOSYS -------
+
+    async def _fixed_tree(self, *args: object) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    create = mknod = mkdir = symlink = link = unlink = rmdir = rename = _fixed_tree  # type: ignore[assignment]
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: object) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: object) -> None:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
     # -- files -------------------------------------------------------------
 
     @_errno_boundary

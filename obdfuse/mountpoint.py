@@ -17,6 +17,7 @@ from pathlib import Path
 from obdfuse.errors import ObdfuseError
 
 FUSE_DEVICE = "/dev/fuse"
+FSTYPE = "fuse.obdfuse"  # what /proc/self/mountinfo shows for our mounts (subtype=obdfuse)
 
 
 def _unescape_mountinfo(field: str) -> str:

@@ -147,8 +147,15 @@ async def open_remote_layers(spec: str, options: RemoteOptions | None = None):
     remote = await open_remote_image(spec, options)
     layers = []
     try:
-        for blob in remote.blobs:
-            layer = await open_layer(blob)
+        for blob, desc in zip(remote.blobs, remote.image.manifest.layers, strict=True):
+            try:
+                layer = await open_layer(blob)
+            except FormatError as exc:
+                if overlaybd_layer(desc) is None:
+                    raise FormatError(
+                        f"{spec}: layer {desc.digest} ({desc.media_type}) is not an overlaybd "
+                        "layer; convert the image first (obdfuse convert)") from exc
+                raise
             if "zfile" in layer.wrapping:  # keep hot decompressed blocks in memory
                 layer.blob = BlockCachedBlob(layer.blob, remote.hot_blocks)
             layers.append(layer)

@@ -129,11 +129,32 @@ def test_restart_reuses_cache(tmp_path, data):
     cache2.close()
 
 
-def test_cache_dir_is_locked(tmp_path):
-    cache = BlobCache(tmp_path)
-    with pytest.raises(ObdfuseError, match="in use"):
-        BlobCache(tmp_path)
-    cache.close()
+def test_two_processes_share_a_cache_dir(tmp_path, data, caplog):
+    """Each blob belongs to one owner; a blob owned elsewhere is cached privately."""
+    digest = sha256_digest(data)
+    other = os.urandom(6 * MiB)
+    first = BlobCache(tmp_path, chunk_size=MiB)  # flock is per open file: like two processes
+    second = BlobCache(tmp_path, chunk_size=MiB)
+    a = first.wrap(RecordingBlob(data), digest)
+    b = second.wrap(RecordingBlob(data), digest)
+    c = second.wrap(RecordingBlob(other), sha256_digest(other))
+    assert "caching it privately" in caplog.text
+    assert b.files.data_path.parent == second.private_dir
+    assert c.files.data_path.parent == second.blob_dir
+
+    async def main():
+        assert await a.pread(0, 100) == data[:100]
+        assert await b.pread(MiB, 100) == data[MiB:MiB + 100]
+        assert await c.pread(0, 100) == other[:100]
+
+    run(main)
+    assert a.files.present_indices() == [0]  # the owner's files were not touched by b
+    second.close()
+    assert not second.private_dir.exists()
+    first.close()
+    third = BlobCache(tmp_path, chunk_size=MiB)  # owns both now, and finds their chunks
+    assert third.used == 2 * MiB
+    third.close()
 
 
 def test_unmarked_chunk_is_never_served(tmp_path, data):
@@ -186,6 +207,17 @@ def test_digest_mismatch_drops_cache(tmp_path, data, caplog):
     run(main)
     assert blob.stats.verify_failures == 1
     assert "dropped its cache" in caplog.text
+
+    async def after():
+        # the blob is now suspect: even a read far from the bad byte is refused
+        with pytest.raises(CorruptDataError):
+            await blob.pread(0, 100)
+        # once the source is repaired, the whole blob verifies and reads work again
+        remote._data = memoryview(data)
+        assert await blob.pread(0, 100) == data[:100]
+        assert blob.files.verified
+
+    run(after)
     cache.close()
 
 

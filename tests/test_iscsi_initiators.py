@@ -139,3 +139,22 @@ def test_unknown_target_name_is_refused(disk):
 def test_serve_exits_cleanly_on_sigterm(disk):
     t = ObdfuseTarget("--raw", str(disk)).start()
     assert t.stop() == 0
+
+
+def test_corrupt_image_block_is_a_medium_error_not_wrong_bytes(samples, tmp_path):
+    bad = tmp_path / "bad.zfile"
+    raw = bytearray((samples / "layers/l1.commit.lz4.zfile").read_bytes())
+    for off in range(4096, len(raw) // 2, len(raw) // 40):
+        raw[off:off + 64] = bytes(b ^ 0x5A for b in raw[off:off + 64])
+    bad.write_bytes(raw)
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"lowers": [{"file": str(bad)}]}))
+    with ObdfuseTarget(str(cfg), log=tmp_path / "target.log") as t:
+        r = run("qemu-io", "-f", "raw", "-r", "-c", "read 0 1M", t.url, check=False)
+        assert "Input/output error" in r.stdout + r.stderr
+        assert "(0x1100)" in r.stderr  # MEDIUM ERROR / UNRECOVERED READ ERROR sense
+        out = tmp_path / "copy.raw"
+        c = run("qemu-img", "convert", "-O", "raw", t.url, str(out), check=False)
+        assert c.returncode != 0
+        assert run("iscsi-inq", t.url).returncode == 0  # still serving
+    assert "bad.zfile" in (tmp_path / "target.log").read_text()  # logged, naming the layer

@@ -161,6 +161,8 @@ def test_dump_with_an_upper_directory(samples, tmp_path):
         (["layer", "create", "{d}", "{i}", "1000"], ["multiple of 512"]),
         (["layer", "create", "--parent-uuid", "nope", "{d}", "{i}", "1M"], ["not a UUID"]),
         (["layer", "commit", "{d}", "{i}", "{o}"], ["does not exist"]),
+        (["layer", "commit", "{t}", "{o}"], ["does not exist"]),
+        (["layer", "commit", "{o}"], ["expected UPPER_DIR OUT"]),
         (["layer", "info", "{g}"], ["error:", "bad magic"]),
         (
             ["layer", "commit", "--zfile", "--block-size", "3K", "{g}", "{i}", "{o}"],

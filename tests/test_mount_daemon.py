@@ -49,11 +49,24 @@ def test_read_only_mount_serves_the_disk_through_loop_and_ext4(mounts, tmp_path,
     st = os.stat(m.image_path)
     assert st.st_size == 64 << 20
     assert st.st_ino == 2 and os.stat(m.mountpoint).st_ino == 1
+    dev = os.stat(m.mountpoint).st_dev
+    bdi = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    with open(bdi) as f:
+        assert int(f.read()) == 4096  # raised from the kernel's 128 KiB
     assert 0 < st.st_blocks * 512 <= os.stat(image).st_blocks * 512 + 4096
     assert m.image_path.read_bytes() == image.read_bytes()
     with pytest.raises(OSError) as exc:
         os.open(m.image_path, os.O_RDWR)
     assert exc.value.errno in (errno.EROFS, errno.EACCES)
+
+    for change in (lambda: (m.mountpoint / "new").write_bytes(b"x"),
+                   lambda: m.image_path.unlink(),
+                   lambda: os.rename(m.image_path, m.mountpoint / "other"),
+                   lambda: (m.mountpoint / "dir").mkdir()):
+        with pytest.raises(OSError) as exc:
+            change()
+        assert exc.value.errno == errno.EPERM
+    assert os.listdir(m.mountpoint) == ["image"]
 
     info = m.stat()
     assert info["pid"] == m.pid and info["read_only"] is True and info["size"] == 64 << 20
@@ -207,6 +220,13 @@ def test_no_fuse_device(tmp_path, ext4_raw, mounts):
                          mounts.run_dir)
     _one_line_error(proc, "/dev/fuse is not the FUSE character device")
 
+    # And a /dev without it at all (an empty tmpfs over /dev in the namespace).
+    script = 'mount -t tmpfs none /dev && exec "$@"'
+    proc = _run_isolated(["unshare", "-m", "sh", "-c", script, "sh"],
+                         ["mount", "--foreground", "--raw", "ro", str(image), str(mp)],
+                         mounts.run_dir)
+    _one_line_error(proc, "no FUSE device /dev/fuse")
+
 
 def test_not_permitted_without_cap_sys_admin(tmp_path, ext4_raw, mounts):
     """Like an unprivileged container: the kernel (via fusermount3) refuses the mount."""
@@ -229,3 +249,17 @@ def test_umount_finds_a_daemon_started_with_another_run_dir(mounts, tmp_path, ex
     proc = m.umount()
     assert proc.returncode == 0, proc.stderr
     assert process_start_time(m.pid) is None
+
+
+def test_umount_leaves_other_filesystems_alone(mounts, tmp_path):
+    target = mounts.loop.mount("tmpfs", tmp_path / "tmpfs", options="size=1m", fstype="tmpfs")
+    proc = mounts.obdfuse("umount", str(target))
+    _one_line_error(proc, "is not an obdfuse mount (tmpfs)")
+    assert os.path.ismount(target)
+
+
+def test_size_without_upper_is_a_usage_error(mounts, tmp_path, ext4_raw):
+    image, _ = ext4_raw
+    (tmp_path / "mp").mkdir()
+    proc = mounts.obdfuse("mount", "--size", "1G", str(image), str(tmp_path / "mp"))
+    assert proc.returncode == 2 and "--size" in proc.stderr and "--upper" in proc.stderr

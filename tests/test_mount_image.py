@@ -79,8 +79,7 @@ def test_writable_mount_over_nothing_then_commit_and_mount_read_only(mounts, tmp
     assert proc.returncode == 0, proc.stderr
 
     layer = tmp_path / "layer.zfile"
-    proc = mounts.obdfuse("layer", "commit", "--zfile", str(upper / "data"),
-                          str(upper / "index"), str(layer))
+    proc = mounts.obdfuse("layer", "commit", "--zfile", str(upper), str(layer))
     assert proc.returncode == 0, proc.stderr
 
     ro = mounts.mount(layer)
@@ -220,3 +219,16 @@ def test_corrupt_layer_reads_fail_with_eio_and_the_daemon_keeps_serving(
     assert bad.stat()["counters"]["errors"] >= failed  # still serving
     errors = [line for line in bad.log().splitlines() if "ERROR obdfuse.fs" in line]
     assert errors and len(errors) <= bad.stat()["counters"]["errors"]
+
+
+def test_relative_paths_are_taken_from_the_callers_directory(mounts, tmp_path):
+    _empty_config(tmp_path)
+    (tmp_path / "mp").mkdir()
+    m = mounts.mount("config.v1.json", "--upper", "upper", "--size", "16M",
+                     mountpoint="mp", cwd=tmp_path)
+    with open(m.image_path, "r+b") as f:
+        f.write(b"relative")
+    assert m.umount().returncode == 0
+    assert (tmp_path / "upper" / "data").is_file()
+    again = mounts.mount(tmp_path / "config.v1.json", "--upper", str(tmp_path / "upper"))
+    assert again.image_path.read_bytes()[:8] == b"relative"

@@ -263,3 +263,29 @@ def test_image_index_platform_selection(registry, tmp_path):
             await reg.aclose()
 
     run(main)
+
+
+def test_download_blob_streams_and_verifies(registry, tmp_path):
+    data = make_layer(tmp_path / "a.layer", 3 << 20, 5)
+    pushed = push(registry.host, tmp_path, [tmp_path / "a.layer"])
+    (desc,) = pushed.layers
+
+    async def main():
+        reg = Registry.open(pushed.reference)
+        try:
+            out = tmp_path / "down"
+            await run_in_asyncio(reg.client.download_blob, "sample", desc.digest, desc.size, out)
+            assert out.read_bytes() == data
+            path = registry.blob_path(desc.digest)
+            raw = bytearray(path.read_bytes())
+            raw[100] ^= 1
+            path.write_bytes(bytes(raw))
+            bad = tmp_path / "bad"
+            with pytest.raises(CorruptDataError, match="downloaded content"):
+                await run_in_asyncio(reg.client.download_blob, "sample", desc.digest,
+                                     desc.size, bad)
+            assert not bad.exists() and not (tmp_path / ".bad.part").exists()
+        finally:
+            await reg.aclose()
+
+    run(main)

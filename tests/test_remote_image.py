@@ -128,7 +128,7 @@ def test_bearer_token_flow(registry, tmp_path):
         trio.run(main)
 
 
-def test_range_ignored_and_redirects(registry, tmp_path):
+def test_range_ignored_and_redirects(registry, tmp_path, caplog):
     data = write_random(tmp_path / "a.layer", 12 * MiB)
     push_files(registry.host, [tmp_path / "a.layer"])
     with BearerProxy(registry.url) as proxy:
@@ -142,6 +142,7 @@ def test_range_ignored_and_redirects(registry, tmp_path):
                 # the whole prefix came over the wire, only the range was kept
                 assert blob.stats_dict()["bytes_fetched"] == 8 * MiB
                 assert blob.files.present_indices() == [7]
+                assert "ignores Range requests" in caplog.text
             finally:
                 await image.aclose()
             proxy.ignore_range = False
@@ -247,6 +248,29 @@ def test_background_fetch_fills_and_verifies(registry, tmp_path):
                     await trio.sleep(0.05)
             assert blob.stats.background_bytes >= 20 * MiB
             assert blob.files.complete
+        finally:
+            await image.aclose()
+
+    trio.run(main)
+
+
+def test_cache_size_cap_holds_on_real_reads(registry, tmp_path):
+    data = write_random(tmp_path / "a.layer", 40 * MiB)
+    push_files(registry.host, [tmp_path / "a.layer"])
+
+    async def main():
+        image = await open_remote_image(f"{registry.host}/sample:latest",
+                                        opts(tmp_path, cache_size=8 * MiB))
+        try:
+            (blob,) = image.blobs
+            for off in range(0, 40 * MiB, 3 * MiB):
+                assert await blob.pread(off, MiB) == data[off:off + MiB]
+                assert image.cache.used <= 8 * MiB
+            disk = sum(p.stat().st_blocks * 512
+                       for p in (tmp_path / "cache" / "blobs").glob("*.data"))
+            assert disk <= 8 * MiB + 64 * 1024
+            # evicted ranges come back from the registry, correctly
+            assert await blob.pread(0, 100) == data[:100]
         finally:
             await image.aclose()
 

@@ -90,3 +90,38 @@ def test_small_read_of_big_image_is_lazy_and_survives_restart(registry, big_laye
     assert first["bytes_fetched"] <= 4 * MiB, first
     second = trio.run(read_remote)  # a new "daemon" on the same cache dir
     assert second["bytes_fetched"] == 0 and second["requests"] == 0, second
+
+
+def test_plain_oci_layer_gets_a_clear_error(registry, tmp_path):
+    import gzip
+
+    from obdfuse.errors import FormatError
+
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(gzip.compress(b"not an overlaybd layer" * 1000))
+
+    async def main():
+        reg = Registry.open(f"{registry.host}/plain:latest")
+        try:
+            await push_layers(reg, [layer], fs_type=None)
+        finally:
+            await reg.aclose()
+        # strip the overlaybd annotations: a plain OCI image
+        from obdfuse.asyncio_bridge import run_in_asyncio
+        from obdfuse.registry import manifest as mf
+
+        reg = Registry.open(f"{registry.host}/plain:latest")
+        try:
+            image = await reg.resolve()
+            (desc,) = image.manifest.layers
+            plain = mf.Descriptor(mf.OCI_LAYER_TAR + "+gzip", desc.digest, desc.size)
+            body = mf.build_manifest(image.manifest.config, [plain], mf.DOCKER_MANIFEST)
+            await run_in_asyncio(reg.client.put_manifest, "plain", "latest", body,
+                                 mf.DOCKER_MANIFEST)
+        finally:
+            await reg.aclose()
+        with pytest.raises(FormatError, match="not an overlaybd layer"):
+            await open_image(f"{registry.host}/plain:latest", cache_dir=tmp_path / "cache")
+        assert OPEN_IMAGES == []
+
+    trio.run(main)

@@ -12,9 +12,9 @@ chunks of all blobs; chunks being read are pinned.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from obdfuse.blob import Blob, clamp
-from obdfuse.cache.store import BlobFiles
+from obdfuse.cache.store import BlobBusy, BlobFiles
 from obdfuse.errors import CorruptDataError, ObdfuseError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,13 @@ class _Fetch:
 
 
 class BlobCache:
-    """A cache directory shared by the CachedBlobs of one process."""
+    """One process's view of a cache directory.
+
+    Several processes may share a directory: each blob's files belong to the
+    process holding its lock (see BlobFiles); a blob owned elsewhere is cached
+    in a private, non-persistent directory instead. The size cap counts the
+    blobs this process owns.
+    """
 
     def __init__(self, root: Path = DEFAULT_CACHE_DIR, *, chunk_size: int = DEFAULT_CHUNK,
                  capacity: int | None = None, whole_below: int = 4 << 20) -> None:
@@ -80,13 +86,7 @@ class BlobCache:
         self.capacity = capacity
         self.whole_below = whole_below
         self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise ObdfuseError(f"cache directory {self.root} is in use by another obdfuse "
-                               "process (use another --cache-dir)") from None
+        self.private_dir = self.root / "private" / str(os.getpid())
         self._files: dict[str, BlobFiles] = {}
         self._lru: OrderedDict[ChunkKey, int] = OrderedDict()
         self.used = 0
@@ -98,15 +98,20 @@ class BlobCache:
     # ---------------------------------------------------------------- disk state
 
     def _scan(self) -> None:
-        maps = sorted(self.blob_dir.glob("*.map"), key=lambda p: p.stat().st_mtime)
+        _remove_stale_private_dirs(self.root / "private")
+        maps = sorted(self.blob_dir.glob("*.map"), key=_mtime)
         for map_path in maps:
             header = BlobFiles.read_header(map_path)
             digest = "sha256:" + map_path.stem
-            if header is None or header[1] != self.chunk_size:
-                map_path.unlink(missing_ok=True)
-                map_path.with_suffix(".data").unlink(missing_ok=True)
+            if header is None or header[0] > MAX_SCAN_BLOB or header[1] < 4096:
+                continue  # not ours to interpret
+            try:
+                files = BlobFiles(self.blob_dir, digest, header[0], header[1])
+            except (BlobBusy, FileNotFoundError):
+                continue  # owned by another process right now
+            if header[1] != self.chunk_size:  # written with another chunk size: drop it
+                files.remove()
                 continue
-            files = BlobFiles(self.blob_dir, digest, header[0], self.chunk_size)
             self._adopt(files)
         for tmp in self.blob_dir.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -126,7 +131,12 @@ class BlobCache:
         if files is not None:  # same digest, other size: stale, start over
             self._forget(files)
             files.remove()
-        files = BlobFiles(self.blob_dir, digest, size, self.chunk_size)
+        try:
+            files = BlobFiles(self.blob_dir, digest, size, self.chunk_size)
+        except BlobBusy:
+            log.warning("cache: %s is in use by another process; caching it privately", digest)
+            self.private_dir.mkdir(parents=True, exist_ok=True)
+            files = BlobFiles(self.private_dir, digest, size, self.chunk_size)
         self._adopt(files)
         return files
 
@@ -223,9 +233,26 @@ class BlobCache:
         for files in self._files.values():
             files.close()
         self._files.clear()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+MAX_SCAN_BLOB = 1 << 42
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _remove_stale_private_dirs(private: Path) -> None:
+    """Private caches of processes that are gone (crashed daemons)."""
+    if not private.is_dir():
+        return
+    for child in private.iterdir():
+        if child.name.isdigit() and not Path(f"/proc/{child.name}").exists():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 class CachedBlob:
@@ -245,6 +272,7 @@ class CachedBlob:
         self._streak = 0
         self._background: set[trio.CancelScope] = set()
         self._closed = False
+        self._suspect = False  # failed a digest check: verify before serving
         #: awaited once by aclose (the owner of a group of blobs hooks in here)
         self.on_close: list[Callable[[], Awaitable[None]]] = []
 
@@ -273,14 +301,22 @@ class CachedBlob:
         self.stats.bytes_read += n
         self.cache.pin(self.digest, first, last, +1)
         try:
-            if self.size <= self.cache.whole_below:
+            if self.size <= self.cache.whole_below or self._suspect:
+                # small blobs, and blobs that once failed their digest check, are
+                # fetched whole and verified before any byte is served
                 first_needed, last_needed = 0, self.files.nchunks - 1
             else:
                 first_needed, last_needed = first, last
-            fetched = await self._ensure(first_needed, last_needed, demand=True)
-            if self.files.complete and not self.files.verified:
-                await self._verify()
-            data = self.files.read(offset, n)
+            fetched = False
+            while True:
+                fetched |= await self._ensure(first_needed, last_needed, demand=True)
+                if self.files.complete and not self.files.verified:
+                    await self._verify()
+                # a failed verification elsewhere may have dropped chunks while we waited:
+                # check presence and read without a checkpoint in between
+                if all(self.files.present(i) for i in range(first, last + 1)):
+                    data = self.files.read(offset, n)
+                    break
             self.cache.touch(self.digest, first, last)
         finally:
             self.cache.pin(self.digest, first, last, -1)
@@ -302,7 +338,7 @@ class CachedBlob:
         n = clamp(self.size, offset, length)
         if n == 0:
             return 0
-        if self.size <= self.cache.whole_below:
+        if self.size <= self.cache.whole_below or self._suspect:  # as pread: whole, verified
             first, last = 0, self.files.nchunks - 1
         else:
             first, last = offset // self.chunk_size, (offset + n - 1) // self.chunk_size
@@ -380,10 +416,12 @@ class CachedBlob:
         actual = await trio.to_thread.run_sync(self.files.sha256)
         if actual == self.digest:
             self.files.mark_verified()
+            self._suspect = False
             return
         if self.files.verified:
             return  # verified concurrently
         self.stats.verify_failures += 1
+        self._suspect = True
         self.cache.drop_blob(self.files)
         msg = (f"{self.name}: content has digest {actual}, expected {self.digest}; "
                "dropped its cache")

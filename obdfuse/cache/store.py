@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import hashlib
 import os
 import struct
@@ -41,8 +42,16 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class BlobBusy(Exception):
+    """Another process (or cache instance) holds this blob's files."""
+
+
 class BlobFiles:
-    """The data file and presence map of one blob; thread-safe bit updates."""
+    """The data file and presence map of one blob; thread-safe bit updates.
+
+    An exclusive flock on `<hex>.lock` (held while open) makes one process the
+    owner of the blob's files: others never read, write or evict them.
+    """
 
     def __init__(self, root: Path, digest: str, size: int, chunk_size: int) -> None:
         hexd = digest.split(":", 1)[1]
@@ -52,6 +61,7 @@ class BlobFiles:
         self.nchunks = (size + chunk_size - 1) // chunk_size
         self.data_path = root / f"{hexd}.data"
         self.map_path = root / f"{hexd}.map"
+        self.lock_path = root / f"{hexd}.lock"
         self._lock = threading.Lock()
         if size < 0 or size > MAX_BLOB_SIZE:
             raise FormatError(f"{digest}: blob size {size} is beyond the cache's limit "
@@ -61,8 +71,19 @@ class BlobFiles:
         self.present_count = 0
         self.data_fd = -1
         self.map_fd = -1
-        if not self._load():
-            self._create()
+        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+            raise BlobBusy(f"{self.map_path} is in use by another obdfuse process") from None
+        try:
+            if not self._load():
+                self._create()
+        except BaseException:
+            self.close()
+            raise
 
     # ---------------------------------------------------------------- life
 
@@ -119,10 +140,10 @@ class BlobFiles:
         self.map_fd = os.open(self.map_path, os.O_RDWR | os.O_CLOEXEC)
 
     def close(self) -> None:
-        for fd in (self.data_fd, self.map_fd):
+        for fd in (self.data_fd, self.map_fd, self.lock_fd):  # the lock goes last
             if fd >= 0:
                 os.close(fd)
-        self.data_fd = self.map_fd = -1
+        self.data_fd = self.map_fd = self.lock_fd = -1
 
     def remove(self) -> None:
         self.close()

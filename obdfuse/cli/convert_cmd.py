@@ -77,6 +77,7 @@ def _common(fn):
             is_flag=True,
             help="Docker schema2 manifest/config/layer media types instead of OCI.",
         ),
+        click.option("--verbose", "-v", is_flag=True, help="Log each step with its timing."),
         click.option(
             "--progress/--no-progress",
             default=None,
@@ -117,6 +118,11 @@ def _options(kw: dict):
     )
 
 
+def _logging(kw: dict) -> None:
+    level = logging.INFO if kw.pop("verbose") else logging.WARNING
+    logging.basicConfig(level=level, format="obdfuse: %(message)s")
+
+
 def _report(result) -> None:
     image = result.image
     click.echo(f"{image.destination}@{image.manifest_digest}")
@@ -135,7 +141,7 @@ def convert(source: str, destination: str, **kw) -> None:
     """
     from obdfuse.convert.pipeline import convert_image
 
-    logging.basicConfig(level=logging.WARNING, format="obdfuse: %(message)s")
+    _logging(kw)
     _report(convert_image(source, destination, _options(kw)))
 
 
@@ -159,7 +165,7 @@ def build(
     """
     from obdfuse.convert.pipeline import build_image
 
-    logging.basicConfig(level=logging.WARNING, format="obdfuse: %(message)s")
+    _logging(kw)
     config: dict = {}
     if entrypoint:
         config["Entrypoint"] = _command(entrypoint, "--entrypoint")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -75,6 +76,8 @@ def serve(image: str, listen: str, iqn: str | None, chap_text: str | None,
     if writable and not raw:
         raise click.BadParameter("--writable is for --raw; use --upper for images",
                                  param_hint="--writable")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="obdfuse: %(message)s")
     trio.run(_serve, image, listen, iqn or DEFAULT_IQN, chap, raw, writable, upper, size,
              cache_dir)
 

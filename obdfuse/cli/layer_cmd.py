@@ -55,9 +55,8 @@ def create(
 @click.option("--parent-uuid", help="Parent UUID (default: the writable layer's parent).")
 @click.option("-m", "--message", default="", help="Commit message (user tag, ≤ 256 bytes).")
 @click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
-@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("index", type=_PATH)
-@click.argument("out", type=_PATH)
+@click.argument("paths", nargs=-1, required=True, metavar="(UPPER_DIR | DATA INDEX) OUT",
+                type=click.Path(path_type=Path))
 def commit(
     use_zfile: bool,
     algorithm: str,
@@ -67,11 +66,14 @@ def commit(
     parent_uuid: str | None,
     message: str,
     force: bool,
-    data: Path,
-    index: Path,
-    out: Path,
+    paths: tuple[Path, ...],
 ) -> None:
-    """Commit the writable layer DATA + INDEX into a sealed layer OUT."""
+    """Commit a writable layer into a sealed layer OUT.
+
+    The writable layer is either UPPER_DIR (the `--upper` folder of a mount,
+    holding `data` and `index`) or the two files DATA and INDEX.
+    """
+    data, index, out = _commit_sources(paths)
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists (use --force to replace it)")
     from obdfuse.layers.commit import CommitOptions, commit_layer
@@ -223,3 +225,20 @@ def _check_uuid(value: str | None, hint: str) -> None:
             normalize_uuid(value)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _commit_sources(paths: tuple[Path, ...]) -> tuple[Path, Path, Path]:
+    """(data, index, out) from `UPPER_DIR OUT` or `DATA INDEX OUT`."""
+    if len(paths) == 2:
+        upper, out = paths
+        if not upper.is_dir():
+            raise click.BadParameter(f"{upper} is not a directory holding data and index",
+                                     param_hint="UPPER_DIR")
+        data, index = upper / "data", upper / "index"
+    elif len(paths) == 3:
+        data, index, out = paths
+    else:
+        raise click.UsageError("expected UPPER_DIR OUT or DATA INDEX OUT")
+    if not data.is_file():
+        raise click.BadParameter(f"{data} does not exist", param_hint="DATA")
+    return data, index, out

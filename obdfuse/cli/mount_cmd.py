@@ -7,11 +7,13 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
 from obdfuse import runstate
 from obdfuse.cli.params import SIZE
+from obdfuse.cli.registry_opts import registry_options, remote_cache_options, remote_options_from
 from obdfuse.daemon import (
     MountSettings,
     Readiness,
@@ -23,7 +25,7 @@ from obdfuse.daemon import (
 from obdfuse.device import BlockDevice, RawFileDevice
 from obdfuse.errors import ObdfuseError
 from obdfuse.fs import IMAGE_NAME, STAT_NAME
-from obdfuse.mountpoint import fuse_unmount, is_mounted
+from obdfuse.mountpoint import FSTYPE, fuse_unmount, mounts
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -32,7 +34,10 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 @click.option("--upper", type=click.Path(path_type=Path), help="Writable layer directory "
               "(DIR/data, DIR/index; created when missing). Without it the image is read-only.")
 @click.option("--size", type=SIZE, help="Virtual disk size for a new upper layer with no lowers.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache for remote blobs.")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Persistent cache of remote blobs [default: /var/cache/obdfuse].")
+@remote_cache_options
+@registry_options
 @click.option("--foreground", "-f", is_flag=True,
               help="Stay attached (for a supervisor); logs go to stderr.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -56,7 +61,7 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 @click.option("--prefetch-request-size", type=SIZE, default="8M", hidden=True,
               help="Largest range request a trace replay merges neighbouring chunks into.")
 @click.option("--max-tasks", type=click.IntRange(1, 256), default=16, hidden=True)
-@click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=1024, hidden=True)
+@click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=4096, hidden=True)
 @click.argument("image")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def mount(
@@ -77,6 +82,7 @@ def mount(
     prefetch_concurrency: int = 16,
     prefetch_request_size: int = 8 << 20,
     prefetch_window: int = 128 << 20,
+    **remote_kw: Any,
 ) -> None:
     """Expose IMAGE (config.v1.json, layer file or image reference) as MOUNTPOINT/image.
 
@@ -85,16 +91,36 @@ def mount(
     """
     if raw and (upper or size):
         raise click.UsageError("--raw cannot be combined with --upper/--size")
+    if size is not None and upper is None:
+        raise click.UsageError("--size sizes a new writable layer: it needs --upper DIR")
+
+    # The daemon runs from /: make local paths absolute (image references stay as they are).
+    if os.path.exists(image):
+        image = os.path.abspath(image)
+    upper = Path(os.path.abspath(upper)) if upper else None
+    cache_dir = Path(os.path.abspath(cache_dir)) if cache_dir else None
+    mountpoint = Path(os.path.abspath(mountpoint))
+    log_path = Path(os.path.abspath(log_file or runstate.default_log_path(mountpoint)))
+    # Registry options only matter for image references; local images skip the
+    # registry client (and its memory) entirely.
+    local = raw is not None or os.path.exists(image)
+    remote = None if local else remote_options_from({**remote_kw, "cache_dir": cache_dir})
+
+    trace = _trace_service(image, mountpoint, raw, record_trace, replay_trace,
+                           concurrency=prefetch_concurrency, max_request=prefetch_request_size,
+                           window=prefetch_window)
 
     async def open_device() -> BlockDevice:
         if raw:
             return RawFileDevice(image, read_only=raw == "ro")
         from obdfuse.image import open_image
 
-        return await open_image(image, upper=upper, size=size, cache_dir=cache_dir)
+        device = await open_image(image, upper=upper, size=size, cache_dir=cache_dir,
+                                  remote=remote)
+        if trace is not None:
+            trace.attach(device)  # a recording starts with the image: no read is missed
+        return device
 
-    mountpoint = Path(os.path.abspath(mountpoint))
-    log_path = log_file or runstate.default_log_path(mountpoint)
     settings = MountSettings(
         mountpoint=mountpoint,
         image=image,
@@ -103,10 +129,9 @@ def mount(
         ready_timeout=timeout,
         log_file=None if foreground else str(log_path),
     )
-
-    settings.services += _trace_services(image, mountpoint, raw, record_trace, replay_trace,
-                                         prefetch_concurrency, prefetch_request_size,
-                                         prefetch_window)
+    if trace is not None:
+        settings.services.append(trace.run)
+        settings.stat_providers.append(trace.stats)
 
     def serve(readiness: Readiness) -> int:
         setup_logging(log_level)
@@ -117,39 +142,28 @@ def mount(
     daemonize(serve, log_file=log_path, timeout=timeout)
 
 
-def _trace_services(image: str, mountpoint: Path, raw: str | None, record: Path | None,
-                    replay: Path | None, concurrency: int, request_size: int,
-                    window: int) -> list:
-    """Services for the daemon: remote stats, and the trace mode (options or config)."""
-    services = []
-    if not raw and not Path(image).exists():  # an image reference: publish lazy-fetch stats
-        def publish_remote_stats(fs, nursery) -> None:
-            from obdfuse.remote_image import remote_stats
-
-            fs.stat_providers.append(remote_stats)
-
-        services.append(publish_remote_stats)
+def _trace_service(image: str, mountpoint: Path, raw: str | None, record: Path | None,
+                   replay: Path | None, **tuning: int):
+    """The trace mode of this mount (options, else the config's keys), checked now."""
     from obdfuse.trace.session import TraceService, TraceSettings
 
     if record and replay:
         raise click.UsageError("--record-trace and --replay-trace exclude each other")
     if raw and (record or replay):
         raise click.UsageError("--raw images have no layers to trace")
-    tuning = {"concurrency": concurrency, "max_request": request_size, "window": window}
     if record:
-        trace = TraceSettings.for_record(record, **tuning)
+        settings = TraceSettings.for_record(record, **tuning)
     elif replay:
-        trace = TraceSettings.for_replay(replay, **tuning)
+        settings = TraceSettings.for_replay(replay, **tuning)
     elif not raw and _is_config_file(image):
         from obdfuse.layers.config import load_config
 
-        trace = TraceSettings.from_config(load_config(image), **tuning)
+        settings = TraceSettings.from_config(load_config(image), **tuning)
     else:
-        return services
-    if trace.enabled:
-        service = TraceService(trace, image_file=mountpoint / IMAGE_NAME.decode())
-        services.append(service.start)
-    return services
+        return None
+    if not settings.enabled:
+        return None
+    return TraceService(settings, image_file=mountpoint / IMAGE_NAME.decode())
 
 
 def _is_config_file(image: str) -> bool:
@@ -173,7 +187,10 @@ def umount(mountpoint: Path, timeout: float, lazy: bool) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has flushed and exited."""
     mountpoint = Path(os.path.abspath(mountpoint))
     record = runstate.read_record(mountpoint)
-    mounted = is_mounted(mountpoint)
+    kind = mounts().get(str(mountpoint))
+    if kind is not None and kind != FSTYPE:
+        raise ObdfuseError(f"{mountpoint} is not an obdfuse mount ({kind}); not touching it")
+    mounted = kind is not None
     if record is None and mounted:  # started with another run directory: ask the mount
         record = _record_from_stat_file(mountpoint)
     daemon_alive = record is not None and record.alive()

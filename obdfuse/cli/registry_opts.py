@@ -24,7 +24,7 @@ def registry_options(fn: F) -> F:
     return fn
 
 
-def cache_options(fn: F) -> F:
+def cache_options(fn: F, *, with_cache_dir: bool = True) -> F:
     """--cache-dir, --cache-size, --chunk-size, --background-fetch, --on-registry-error."""
     fn = click.option("--registry-timeout", type=float, default=30.0, show_default=True,
                       help="Seconds before a registry read fails (with --on-registry-error "
@@ -41,10 +41,16 @@ def cache_options(fn: F) -> F:
                       help="Cache fill granularity.")(fn)
     fn = click.option("--cache-size", type=SIZE, default=None,
                       help="Cap of the on-disk cache (LRU eviction); default unbounded.")(fn)
-    fn = click.option("--cache-dir", type=click.Path(path_type=Path),
-                      default="/var/cache/obdfuse", show_default=True,
-                      help="Persistent cache of remote blobs.")(fn)
+    if with_cache_dir:
+        fn = click.option("--cache-dir", type=click.Path(path_type=Path),
+                          default="/var/cache/obdfuse", show_default=True,
+                          help="Persistent cache of remote blobs.")(fn)
     return fn
+
+
+def remote_cache_options(fn: F) -> F:
+    """`cache_options` without --cache-dir (for commands that already define it)."""
+    return cache_options(fn, with_cache_dir=False)
 
 
 def remote_options_from(kw: dict[str, Any]):
@@ -63,7 +69,7 @@ def remote_options_from(kw: dict[str, Any]):
     )
     return RemoteOptions(
         registry=registry,
-        cache_dir=kw.pop("cache_dir", Path("/var/cache/obdfuse")),
+        cache_dir=kw.pop("cache_dir", None) or Path("/var/cache/obdfuse"),
         cache_size=kw.pop("cache_size", None),
         chunk_size=kw.pop("chunk_size", 1 << 20),
         background_fetch=kw.pop("background_fetch", False),

@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 
 from obdfuse.errors import ObdfuseError
+from obdfuse.fs import STAT_NAME
 
-STAT_FILE = ".obdfuse-stat"  # the hidden control file the FUSE layer serves
+STAT_FILE = STAT_NAME.decode()  # the hidden control file the FUSE layer serves
 
 
 def read_stats(mountpoint: Path) -> dict:

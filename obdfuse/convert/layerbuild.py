@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,9 +106,11 @@ def build_layer(
     if not lowers:
         mount_args += ["--size", str(settings.vsize)]
     fuse = work / "fuse"
+    clock = _PhaseClock(name)
     image = ws.fuse_mount(config, fuse, *mount_args)
     try:
         device = ws.loop_attach(image)
+        clock.lap("mount")
         try:
             if mkfs is not None:
                 run_tool(
@@ -115,17 +118,21 @@ def build_layer(
                     what=f"{mkfs[0]} for {name}",
                     env=dict(os.environ, E2FSPROGS_FAKE_TIME="1600000000"),
                 )
+                clock.lap("mkfs")
             if fill is not None:
                 root = work / "rootfs"
                 ws.mount(device, root, fstype=settings.fstype, options=MOUNT_OPTIONS)
                 try:
                     fill(root)
+                    clock.lap("fill")
                 finally:
                     ws.umount(root)
+                    clock.lap("unmount filesystem")
         finally:
             ws.loop_detach(image)
     finally:
         ws.fuse_umount(fuse)
+        clock.lap("unmount obdfuse")
     commit_upper(
         upper,
         out,
@@ -135,8 +142,29 @@ def build_layer(
         progress=progress,
         label=name,
     )
+    clock.lap("commit")
+    os.chmod(out, 0o644)  # a blob, readable like any other
     digest, size = file_digest(out)
+    clock.lap("digest")
+    log.info("%s: %s, %d bytes; %s", name, digest, size, clock.summary())
     return BuiltLayer(out, digest, size, layer_uuid)
+
+
+class _PhaseClock:
+    """Wall time per phase of a layer build (logged at INFO)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.last = time.perf_counter()
+        self.phases: list[tuple[str, float]] = []
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def summary(self) -> str:
+        return ", ".join(f"{p} {t:.2f}s" for p, t in self.phases)
 
 
 def commit_upper(

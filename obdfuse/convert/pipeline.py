@@ -173,8 +173,10 @@ def build_image(
             stats: list[ApplyStats] = []
 
             def fill(root: Path) -> None:
+                # never archive our own work area (it holds the mounted image)
+                exclude = (options.work_parent, options.cache_dir)
                 with (
-                    TreeTarStream(directory) as stream,
+                    TreeTarStream(directory, exclude=exclude) as stream,
                     progress.bar(f"copy {directory}", None) as bar,
                 ):
                     stats.append(

@@ -18,9 +18,13 @@ from typing import BinaryIO
 log = logging.getLogger(__name__)
 
 
-def write_tree_tar(root: Path, out: BinaryIO) -> int:
-    """Write `root` as a PAX tar to `out` (not closed); returns the number of entries."""
+def write_tree_tar(root: Path, out: BinaryIO, *, exclude: tuple[Path, ...] = ()) -> int:
+    """Write `root` as a PAX tar to `out` (not closed); returns the number of entries.
+
+    Directories in `exclude` (e.g. the build's own work area) are left out.
+    """
     count = 0
+    skip = {os.path.realpath(p) for p in exclude}
     with tarfile.open(
         fileobj=out,
         mode="w|",
@@ -29,7 +33,7 @@ def write_tree_tar(root: Path, out: BinaryIO) -> int:
         errors="surrogateescape",
         bufsize=1 << 20,
     ) as tf:
-        for path, arcname in _walk(root):
+        for path, arcname in _walk(root, skip):
             try:
                 ti = tf.gettarinfo(str(path), arcname)
             except OSError as exc:
@@ -56,11 +60,13 @@ def write_tree_tar(root: Path, out: BinaryIO) -> int:
     return count
 
 
-def _walk(root: Path):
+def _walk(root: Path, skip: set[str]):
     """(path, archive name) of the root and everything below it, parents first."""
     yield root, "."
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(
+            d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in skip
+        )
         for name in sorted(dirnames + filenames):
             path = Path(dirpath, name)
             yield path, "./" + str(path.relative_to(root))
@@ -86,19 +92,20 @@ class TreeTarStream:
     Use as a context manager; errors of the producer are re-raised on close.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, exclude: tuple[Path, ...] = ()) -> None:
         if not root.is_dir():
             raise NotADirectoryError(20, "not a directory", str(root))
         rfd, wfd = os.pipe()
         self.reader: BinaryIO = os.fdopen(rfd, "rb", buffering=1 << 20)
         self._writer = os.fdopen(wfd, "wb", buffering=1 << 20)
         self._error: BaseException | None = None
+        self._exclude = exclude
         self._thread = threading.Thread(target=self._produce, args=(root,), daemon=True)
         self._thread.start()
 
     def _produce(self, root: Path) -> None:
         try:
-            write_tree_tar(root, self._writer)
+            write_tree_tar(root, self._writer, exclude=self._exclude)
         except BaseException as exc:  # handed to the consumer
             self._error = exc
         finally:

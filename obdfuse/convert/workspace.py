@@ -16,6 +16,7 @@ Must not: know about image formats.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -64,15 +65,21 @@ def run_tool(
     return proc.stdout
 
 
-def mounted_paths() -> set[str]:
-    """Mount points of this mount namespace (from /proc/self/mountinfo, unescaped)."""
-    found = set()
+def mount_table() -> list[tuple[str, str]]:
+    """(mount point, fs type) of this mount namespace (from /proc/self/mountinfo)."""
+    found = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
-            fields = line.split(" ")
+            head, _, tail = line.partition(" - ")
+            fields = head.split(" ")
             if len(fields) > 4:
-                found.add(_unescape(fields[4]))
+                found.append((_unescape(fields[4]), tail.split(" ", 1)[0]))
     return found
+
+
+def mounted_paths() -> set[str]:
+    """Mount points of this mount namespace (unescaped)."""
+    return {path for path, _ in mount_table()}
 
 
 def _unescape(text: str) -> str:
@@ -91,10 +98,9 @@ def is_mounted(path: Path) -> bool:
     return os.path.abspath(path) in mounted_paths()
 
 
-def loop_devices_of(backing: Path) -> list[str]:
-    """Loop devices currently attached to `backing` (found through sysfs)."""
-    want = os.path.realpath(backing)
-    devices = []
+def loop_table() -> list[tuple[str, str]]:
+    """(/dev/loopN, backing file) of every attached loop device (from sysfs)."""
+    found = []
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir("/sys/block"):
             if not name.startswith("loop"):
@@ -103,9 +109,14 @@ def loop_devices_of(backing: Path) -> list[str]:
                 text = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
             except OSError:
                 continue
-            if text.removesuffix(" (deleted)") == want:
-                devices.append(f"/dev/{name}")
-    return devices
+            found.append((f"/dev/{name}", text.removesuffix(" (deleted)")))
+    return found
+
+
+def loop_devices_of(backing: Path) -> list[str]:
+    """Loop devices currently attached to `backing`."""
+    want = os.path.realpath(backing)
+    return [dev for dev, file in loop_table() if file == want]
 
 
 @contextlib.contextmanager
@@ -128,17 +139,85 @@ def signals_raise() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+PREFIX = "obdfuse-build-"
+OWNER_FILE = "owner"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (to tell it from a later one with the same pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _owner_alive(work: Path) -> bool:
+    try:
+        pid_text, start = (work / OWNER_FILE).read_text().split()
+    except (OSError, ValueError):
+        # no owner record: too new to have one, or not ours; leave young ones alone
+        try:
+            return time.time() - work.stat().st_mtime < 60
+        except OSError:
+            return False
+    return _process_start(int(pid_text)) == start
+
+
+def reap_stale(parent: Path) -> list[Path]:
+    """Tear down work areas under `parent` whose process died (kill -9, power loss).
+
+    Their filesystem mounts, loop devices and obdfuse mounts are undone exactly as
+    `Workspace.close()` would; returns the work areas removed.
+    """
+    reaped = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(PREFIX) and p.is_dir()]
+    except FileNotFoundError:
+        return reaped
+    for work in candidates:
+        if _owner_alive(work):
+            continue
+        log.warning("cleaning up %s, left behind by a process that died", work)
+        stale = Workspace.adopt(work)
+        root = str(work.resolve()) + "/"
+        table = [(p, t) for p, t in mount_table() if p.startswith(root)]
+        for path, _ in (m for m in table if m[1].startswith("fuse")):
+            stale._push(f"fuse:{path}", functools.partial(stale._fuse_unmount, Path(path)))
+        for backing in {file for _, file in loop_table() if file.startswith(root)}:
+            stale._push(f"loop:{backing}", functools.partial(stale._loop_detach_all, Path(backing)))
+        for path, _ in sorted(
+            (m for m in table if not m[1].startswith("fuse")), key=lambda m: len(m[0])
+        ):
+            stale._push(f"mount:{path}", functools.partial(stale._unmount, Path(path)))
+        stale.close()  # newest first: filesystems, loop devices, then FUSE
+        reaped.append(work)
+    return reaped
+
+
 class Workspace:
     """A temp directory plus the mounts and loop devices made in it; `close()` undoes all."""
 
     def __init__(self, parent: Path | None = None, *, keep: bool = False) -> None:
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix="obdfuse-build-", dir=parent))
+            reap_stale(parent)
+        self.path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
+        (self.path / OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}\n")
         self.run_dir = self.path / "run"
         self.run_dir.mkdir()
         self.keep = keep
         self._undo: list[tuple[str, Callable[[], None]]] = []
+
+    @classmethod
+    def adopt(cls, path: Path) -> Workspace:
+        """A Workspace object for an existing work area (to tear it down)."""
+        ws = cls.__new__(cls)
+        ws.path = path
+        ws.run_dir = path / "run"
+        ws.keep = False
+        ws._undo = []
+        return ws
 
     # -- generic undo stack
 

@@ -9,13 +9,18 @@ the data-out bytes and gets back status, data-in and sense.
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 from dataclasses import dataclass, field
+
+import trio
 
 from obdfuse.device import BlockDevice
 from obdfuse.errors import CorruptDataError, RemoteError
 from obdfuse.iscsi import sense as S
 from obdfuse.iscsi.sense import ScsiError, illegal
+
+log = logging.getLogger("obdfuse.iscsi")
 
 BLOCK = 512
 LBPPBE = 0  # physical block = logical block (see docs: GET LBA STATUS tests)
@@ -103,6 +108,8 @@ class LogicalUnit:
         self.reservation: str | None = None
         self._nexus: dict[str, _NexusState] = {}
         self.thin = not device.read_only
+        self._write_lock = trio.Lock()
+        self._logged: set[str] = set()
 
     # ------------------------------------------------------------ nexus state
 
@@ -180,19 +187,33 @@ class LogicalUnit:
             handler = _HANDLERS.get(op)
             if handler is None:
                 raise illegal(S.INVALID_OPCODE)
+            if op in _WRITES:
+                # Commands run concurrently; modifications take turns so that
+                # COMPARE AND WRITE / ORWRITE stay atomic against other writes.
+                async with self._write_lock:
+                    return await handler(self, nexus, cdb, data)
             return await handler(self, nexus, cdb, data)
         except ScsiError as exc:
             return ScsiResult(exc.status, b"", exc.sense)
-        except CorruptDataError:
+        except CorruptDataError as exc:
+            self._log_once(exc)
             return ScsiResult(S.CHECK_CONDITION, b"",
                               S.Sense(S.MEDIUM_ERROR, *S.UNRECOVERED_READ_ERROR))
-        except RemoteError:
+        except RemoteError as exc:
+            self._log_once(exc)
             return ScsiResult(S.CHECK_CONDITION, b"",
                               S.Sense(S.NOT_READY, *S.LU_COMMUNICATION_FAILURE))
         except PermissionError:
             return ScsiResult(S.CHECK_CONDITION, b"", S.Sense(S.DATA_PROTECT, *S.WRITE_PROTECTED))
         except OSError:
             return ScsiResult(S.CHECK_CONDITION, b"", S.Sense(S.MEDIUM_ERROR, *S.WRITE_ERROR))
+
+    def _log_once(self, exc: Exception) -> None:
+        """Log each distinct device error once (they name the layer and offset)."""
+        text = str(exc)
+        if text not in self._logged and len(self._logged) < 1024:
+            self._logged.add(text)
+            log.error("LUN %d: %s", self.lun, text)
 
     def sense_bytes(self, sense: S.Sense) -> bytes:
         """Sense data in the format the Control mode page selects."""

@@ -9,6 +9,7 @@ replaces the old one. Nothing here knows PDU layouts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -18,14 +19,23 @@ import trio
 from obdfuse.device import BlockDevice
 from obdfuse.iscsi.login import ChapCredentials
 from obdfuse.iscsi.scsi import LogicalUnit
-from obdfuse.iscsi.session import CMDSN_WINDOW, Connection, TargetConfig
+from obdfuse.iscsi.session import Connection, TargetConfig
 
 log = logging.getLogger("obdfuse.iscsi")
 
 DEFAULT_IQN = "iqn.2024-01.io.obdfuse:image"
 DEFAULT_PORT = 3260
 RECV_CHUNK = 1 << 20
+SMALL_RECV = 65536
+IOV_MAX = 1024
 LOGIN_TIMEOUT = 15.0
+LINGER_SECONDS = 1.0
+BATCH_QUEUE = 16
+# Batches executed at once per connection: while one waits on a device read running
+# in a worker thread, another can send (responses are tagged, so order is free).
+EXECUTORS = 4
+BATCH_BYTES = 256 * 1024
+LINGER_BYTES = 4 << 20
 
 
 @dataclass
@@ -112,21 +122,22 @@ class IscsiServer:
             async with send_lock:
                 parts = conn.data_to_send()
                 if parts:
-                    await stream.send_all(b"".join(parts) if len(parts) > 1 else parts[0])
+                    await _send_vectored(stream.socket, parts)
 
         scope = trio.CancelScope()
         key = None
         try:
             with scope:
-                if not await self._login(stream, conn, flush):
-                    return
-                key = conn.session_key
-                if key is not None:
-                    old = self._sessions.by_key.get(key)
-                    if old is not None:
-                        old.cancel()  # session reinstatement
-                    self._sessions.by_key[key] = scope
-                await self._full_feature(stream, conn, flush)
+                if await self._login(stream, conn, flush):
+                    key = conn.session_key
+                    if key is not None:
+                        old = self._sessions.by_key.get(key)
+                        if old is not None:
+                            old.cancel()  # session reinstatement
+                        self._sessions.by_key[key] = scope
+                    await self._full_feature(stream, conn, flush)
+            if not scope.cancelled_caught:
+                await self._linger(stream)
         finally:
             conn.nexus_lost()
             if key is not None and self._sessions.by_key.get(key) is scope:
@@ -134,6 +145,21 @@ class IscsiServer:
             if conn.cold_reset:
                 for other in list(self._sessions.by_key.values()):
                     other.cancel()
+
+    @staticmethod
+    async def _linger(stream) -> None:
+        """Close politely: stop sending, then drain (bounded) what the peer still sends,
+        so a final Reject/Logout Response is not destroyed by a TCP reset."""
+        with trio.move_on_after(LINGER_SECONDS):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                     OSError):
+                await stream.send_eof()
+            drained = 0
+            while drained < LINGER_BYTES:
+                data = await stream.receive_some(RECV_CHUNK)
+                if not data:
+                    break
+                drained += len(data)
 
     async def _login(self, stream, conn: Connection, flush) -> bool:
         """Run the login phase under a deadline and a cap on concurrent logins."""
@@ -155,37 +181,75 @@ class IscsiServer:
         return False
 
     async def _full_feature(self, stream, conn: Connection, flush) -> None:
-        send_tasks, recv_tasks = trio.open_memory_channel(CMDSN_WINDOW)
+        # Tasks travel in batches (all that one receive completed), and the executor
+        # flushes once per batch: one send() for many responses.
+        send_batches, recv_batches = trio.open_memory_channel(BATCH_QUEUE)
 
         async def execute() -> None:
-            async with recv_tasks:
-                async for task in recv_tasks:
+            async for batch in recv_batches:
+                for task in batch:
                     if task.aborted:
                         continue
                     lu = self.config.luns[task.lun]
                     result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
                                               task.edtl if task.write else None)
                     conn.complete(task, result)
-                    await flush()
+                await flush()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(execute)
+            for _ in range(EXECUTORS):
+                nursery.start_soon(execute)
             try:
-                async with send_tasks:
+                async with send_batches:
                     # Anything that arrived together with the final login PDU.
                     pending = conn.receive_data(b"") if conn.reader.buffered else []
                     while True:
-                        for task in pending:
-                            await send_tasks.send(task)
+                        for batch in _batches(pending):
+                            await send_batches.send(batch)
                         await flush()
                         if conn.closing:
                             break
-                        data = await stream.receive_some(RECV_CHUNK)
+                        data = await stream.receive_some(_chunk(conn))
                         if not data:
                             break
                         pending = conn.receive_data(data)
             finally:
                 nursery.cancel_scope.cancel()
+
+
+async def _send_vectored(sock, parts: list) -> None:
+    """Send every buffer with scatter-gather sendmsg (no joining copy of read data)."""
+    views = [memoryview(p) for p in parts]
+    while views:
+        sent = await sock.sendmsg(views[:IOV_MAX])
+        while sent and views:
+            n = views[0].nbytes
+            if sent >= n:
+                sent -= n
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def _batches(tasks: list) -> list[list]:
+    """Group tasks so that each group moves about BATCH_BYTES: many small commands
+    share one flush, big transfers run on separate executors."""
+    groups: list[list] = []
+    size = BATCH_BYTES
+    for task in tasks:
+        if size >= BATCH_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(task)
+        size += max(task.edtl, 4096)
+    return groups
+
+
+def _chunk(conn: Connection) -> int:
+    """How much to ask the socket for: small buffers stay off mmap (a 1 MiB receive
+    buffer costs page faults per call); big Data-Out PDUs get what they need."""
+    return min(max(SMALL_RECV, conn.reader.wanted()), RECV_CHUNK)
 
 
 async def serve_iscsi(device: BlockDevice, listen: str = f"127.0.0.1:{DEFAULT_PORT}",

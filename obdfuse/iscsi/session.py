@@ -51,7 +51,7 @@ class TargetConfig:
     portal_group: int = 1
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     """A SCSI command on its way through the session."""
 
@@ -62,6 +62,7 @@ class Task:
     read: bool
     write: bool
     cmdsn: int
+    lun_field: int = 0  # the 8-byte LUN field as the initiator sent it
     wanted: int = 0  # data-out bytes the CDB asks for
     needed: int = 0  # data-out bytes we will accept into the buffer
     buf: bytearray = field(default_factory=bytearray)
@@ -206,13 +207,15 @@ class Connection:
         while off < total:
             n = min(seg, total - off, burst - off % burst)
             last = off + n >= total
-            self._emit(W.DataIn(
-                itt=task.itt, lun=task.lun, datasn=datasn, offset=off,
-                exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
+            bhs = W.data_in_header(
+                task.itt, task.lun_field, n, datasn, off, self.exp_cmdsn, self.max_cmdsn,
                 final=last or (off + n) % burst == 0, status_present=last,
                 status=status if last else 0, statsn=self._next_statsn() if last else 0,
                 overflow=over and last, underflow=under and last,
-                residual=residual if last and (over or under) else 0, data=data[off:off + n]))
+                residual=residual if last and (over or under) else 0)
+            self._out += W.frame_bytes(bhs, data[off:off + n],
+                                       header_digest=self._send_header_digest,
+                                       data_digest=self._send_data_digest)
             datasn += 1
             off += n
 
@@ -319,7 +322,7 @@ class Connection:
             return []
         lun = _lun_number(cmd.lun)
         task = Task(itt=cmd.itt, lun=lun, cdb=cmd.cdb, edtl=cmd.edtl, read=cmd.read,
-                    write=cmd.write, cmdsn=cmd.cmdsn)
+                    write=cmd.write, cmdsn=cmd.cmdsn, lun_field=cmd.lun)
         lu = self.config.luns.get(lun)
         if lu is None:
             return self._no_such_lun(task, cmd)
@@ -383,7 +386,7 @@ class Connection:
         task.r2t_length = min(self.params.max_burst, task.needed - task.received)
         task.next_datasn = 0
         self._r2t_ttt_to_itt[ttt] = task.itt
-        self._emit(W.R2T(itt=task.itt, ttt=ttt, lun=task.lun, statsn=self.statsn,
+        self._emit(W.R2T(itt=task.itt, ttt=ttt, lun=task.lun_field, statsn=self.statsn,
                          exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn, r2tsn=task.r2tsn,
                          offset=task.r2t_offset, length=task.r2t_length))
         task.r2tsn += 1

@@ -78,6 +78,7 @@ class RegistryClient:
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self.ranges_ignored = False
 
     @classmethod
     def for_reference(cls, ref: ImageReference, credentials: Credentials | None = None,
@@ -258,6 +259,41 @@ class RegistryClient:
 
         return await self._with_retries(f"blob {digest}", attempt, deadline)
 
+    async def download_blob(self, repo: str, digest: str, size: int, path: Path,
+                            deadline: float | None = 60.0) -> None:
+        """Stream a whole blob into `path`, verifying its digest (written atomically)."""
+        mf.check_digest(digest)
+        tmp = path.with_name(f".{path.name}.part")
+
+        async def attempt(_: float) -> None:
+            h = hashlib.sha256()
+            got = 0
+            with open(tmp, "wb") as out:
+                async with await self._send("GET", self._url(repo, "blobs", digest),
+                                            _scope(repo)) as resp:
+                    _check_status(resp, (200,), f"blob {digest}")
+                    async for piece in resp.content.iter_chunked(1 << 20):
+                        got += len(piece)
+                        if got > size:
+                            raise FormatError(f"blob {digest}: longer than {size} bytes")
+                        h.update(piece)
+                        await asyncio.to_thread(out.write, piece)
+                if got != size:
+                    raise TransientError(f"blob {digest}: body ended at {got} of {size}")
+                if "sha256:" + h.hexdigest() != digest:
+                    raise CorruptDataError(f"blob {digest}: downloaded content has digest "
+                                           f"sha256:{h.hexdigest()}")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+
+        slow = self.request_timeout + size / (1 << 20)  # allow 1 MiB/s
+        try:
+            await self._with_retries(f"download {digest}", attempt,
+                                     None if deadline is None else deadline + slow, slow)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     async def blob_size(self, repo: str, digest: str, deadline: float | None = 60.0) -> int:
         async def attempt(_: float) -> int:
             async with await self._send("HEAD", self._url(repo, "blobs", digest),
@@ -289,6 +325,10 @@ class RegistryClient:
                     data = await _read_exactly(resp, length, what)
                     return RangeResult(data, len(data))
                 if resp.status == 200:  # range ignored: the body is the whole blob; slice it
+                    if not self.ranges_ignored:
+                        self.ranges_ignored = True
+                        log.warning("%s ignores Range requests: every read streams the blob "
+                                    "from its start", self.base_url)
                     if resp.content_length is not None and resp.content_length < end + 1:
                         raise RemoteError(f"{what}: full answer of only {resp.content_length} "
                                           "bytes")

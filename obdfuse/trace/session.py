@@ -3,10 +3,11 @@
 `TraceSettings` comes from the mount options (`--record-trace`,
 `--replay-trace`) or from an image config (`recordTracePath`,
 `accelerationLayer`) and is checked before the image is opened.
-`TraceService.start(fs, nursery)` is called by the daemon once the mount is
-live: recording begins synchronously (no read after readiness is missed),
-replay and prefetch-list resolution run as tasks of the daemon's nursery and
-are cancelled with it. Progress is published in the stat file under "trace".
+`TraceService.attach(device)` runs right after the image is opened: a
+recording begins there, so no read is missed. `TraceService.run(device)` is
+a service of the daemon's nursery, started once the mount is live: it waits
+for the end of a recording, or replays (resolving a prefetch list first),
+and is cancelled with the mount. Progress is published in the stat file under "trace".
 """
 
 from __future__ import annotations
@@ -136,22 +137,22 @@ class TraceService:
         self.replay = ReplayStats(source=str(settings.path or ""))
         self.error: str | None = None
 
-    def start(self, fs: Any, nursery: trio.Nursery) -> None:
-        """Begin the mode over `fs.device` (a Stack); register the stat provider."""
-        fs.stat_providers.append(self.stats)
-        stack = fs.device
-        if not hasattr(stack, "lowers"):
-            self.error = "the device is not a layer stack; traces need an overlaybd image"
-            log.error("trace: %s", self.error)
-            return
+    def attach(self, device: Any) -> None:
+        """Called as soon as the image is open: a recording starts here."""
+        if not hasattr(device, "lowers"):
+            raise ObdfuseError("traces need an overlaybd image (a layer stack)")
+        if self.settings.mode is TraceMode.RECORD:
+            self.recorder = TraceRecorder(device)
+            self.recorder.start()
+
+    async def run(self, device: Any) -> None:
+        """The mode's task in the daemon's nursery (cancelled when the mount stops)."""
         mode, path = self.settings.mode, self.settings.path
         assert path is not None
-        if mode is TraceMode.RECORD:
-            self.recorder = TraceRecorder(stack)
-            self.recorder.start()
-            nursery.start_soon(record_until_unlocked, self.recorder, path)
+        if self.recorder is not None:
+            await record_until_unlocked(self.recorder, path)
         elif mode in (TraceMode.REPLAY, TraceMode.PREFETCH_LIST):
-            nursery.start_soon(self._replay, stack, path, mode, self.image_file)
+            await self._replay(device, path, mode, self.image_file)
 
     async def _replay(self, stack: Any, path: Path, mode: TraceMode,
                       image_file: Path | None) -> None:

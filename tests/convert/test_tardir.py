@@ -48,3 +48,14 @@ def test_missing_directory_is_an_error(tmp_path: Path) -> None:
 
     with pytest.raises(NotADirectoryError):
         TreeTarStream(tmp_path / "nope")
+
+
+def test_excluded_directories_are_left_out(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "keep").mkdir(parents=True)
+    (src / "cache/work").mkdir(parents=True)
+    (src / "cache/work/big").write_bytes(b"x")
+    dst.mkdir()
+    with TreeTarStream(src, exclude=(src / "cache",)) as stream:
+        apply_layer(stream, dst)
+    assert (dst / "keep").is_dir() and not (dst / "cache").exists()

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from obdfuse.convert.workspace import Workspace, WorkspaceError, is_mounted, loop_devices_of
+from obdfuse.convert.workspace import (
+    Workspace,
+    WorkspaceError,
+    is_mounted,
+    loop_devices_of,
+    loop_table,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,16 +71,19 @@ def _force_cleanup(work: Path, image: Path) -> None:
     for root in work.glob("*/root"):
         if is_mounted(root):
             subprocess.run(["umount", "-l", str(root)], check=False)
-    for dev in loop_devices_of(image):
-        subprocess.run(["losetup", "-d", dev], check=False)
+    for dev, file in loop_table():
+        if file.startswith(str(work)):
+            subprocess.run(["losetup", "-d", dev], check=False)
 
 
 SCRIPT = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from obdfuse.convert.workspace import Workspace, signals_raise
 with signals_raise(), Workspace(Path(sys.argv[1])) as ws:
-    dev = ws.loop_attach(Path(sys.argv[2]))
+    inner = ws.path / "disk.img"
+    os.link(sys.argv[2], inner)
+    dev = ws.loop_attach(inner)
     root = ws.mount(dev, ws.path / "root")
     print(ws.path, root, flush=True)
     time.sleep(60)
@@ -106,5 +115,39 @@ def test_signals_tear_everything_down(tmp_path: Path, sig: signal.Signals) -> No
         _force_cleanup(tmp_path / "work", image)
     assert proc.returncode != 0
     assert not is_mounted(root)
-    assert loop_devices_of(image) == []
+    assert [d for d, f in loop_table() if f.startswith(str(path))] == []
     assert not path.exists()
+
+
+def test_a_killed_builders_leftovers_are_reaped_by_the_next_one(tmp_path: Path) -> None:
+    image = _ext4_image(tmp_path / "fs.img")
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(work), str(image)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    try:
+        line = proc.stdout.readline().split()
+        assert line, proc.stderr.read()
+        path, root = Path(line[0]), Path(line[1])
+        proc.kill()  # no chance to clean up
+        proc.wait()
+        assert is_mounted(root) and loop_devices_of(path / "disk.img")
+        with Workspace(work) as ws:  # the next build reaps the dead one's work area
+            assert not is_mounted(root)
+            assert [d for d, f in loop_table() if f.startswith(str(path))] == []
+            assert not path.exists()
+            assert ws.path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _force_cleanup(work, image)
+
+
+def test_a_live_builders_work_area_is_left_alone(tmp_path: Path) -> None:
+    with Workspace(tmp_path) as first, Workspace(tmp_path) as second:
+        assert first.path.exists() and second.path.exists()

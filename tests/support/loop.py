@@ -77,12 +77,14 @@ class LoopDevices:
         *,
         read_only: bool = False,
         options: str = "",
+        fstype: str = "",
     ) -> Path:
-        """`mount [-o ro,...] source target`; remembered for `close()`."""
+        """`mount [-t fstype] [-o ro,...] source target`; remembered for `close()`."""
         target = Path(target)
         target.mkdir(parents=True, exist_ok=True)
         opts = ",".join(o for o in ("ro" if read_only else "", options) if o)
-        run(["mount", *(["-o", opts] if opts else []), source, str(target)])
+        cmd = ["mount", *(["-t", fstype] if fstype else []), *(["-o", opts] if opts else [])]
+        run([*cmd, source, str(target)])
         self._mounts.append(target)
         return target
 

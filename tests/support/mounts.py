@@ -39,11 +39,17 @@ def obdfuse_env(run_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def obdfuse(
-    *args: str, run_dir: Path, check: bool = False, timeout: float = 120, **env: str
+    *args: str,
+    run_dir: Path,
+    check: bool = False,
+    timeout: float = 120,
+    cwd: Path | None = None,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
     """Run the `obdfuse` CLI; returns the completed process (stdout/stderr as text)."""
     proc = subprocess.run(
         [*OBDFUSE, *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         env=obdfuse_env(run_dir, **env),
@@ -79,9 +85,12 @@ class ObdfuseMount:
         run_dir: Path,
         foreground: bool = False,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.image = str(image)
-        self.mountpoint = Path(mountpoint)
+        self.cwd = cwd
+        self.mountpoint_arg = str(mountpoint)  # as given on the command line
+        self.mountpoint = Path(cwd or ".", mountpoint).absolute()
         self.args = args
         self.run_dir = run_dir
         self.foreground = foreground
@@ -97,16 +106,16 @@ class ObdfuseMount:
     def start(self, timeout: float = 60) -> ObdfuseMount:
         """Mount and wait until it is live; raises with the daemon's stderr if it fails."""
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        cmd = ["mount", *self.args, self.image, str(self.mountpoint)]
+        cmd = ["mount", *self.args, self.image, self.mountpoint_arg]
         if not self.foreground:
             obdfuse(*cmd, "--log-file", str(self.log_file), run_dir=self.run_dir, check=True,
-                    timeout=timeout, **self.env)
+                    timeout=timeout, cwd=self.cwd, **self.env)
             self.pid = self.stat()["pid"]
             return self
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
                 [*OBDFUSE, *cmd, "--foreground"],
-                stdout=log, stderr=log, text=True,
+                stdout=log, stderr=log, text=True, cwd=self.cwd,
                 env=obdfuse_env(self.run_dir, **self.env),
             )
         self.pid = self.proc.pid
@@ -201,13 +210,17 @@ class MountKit:
         mountpoint: Path | None = None,
         foreground: bool = False,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> ObdfuseMount:
-        """Start `obdfuse mount [args] IMAGE MOUNTPOINT`, live on return."""
+        """Start `obdfuse mount [args] IMAGE MOUNTPOINT`, live on return.
+
+        With `cwd`, the command runs there and relative paths stay relative.
+        """
         if mountpoint is None:
             self._count += 1
             mountpoint = self.tmp_path / f"obdfuse-mnt{self._count}"
         m = ObdfuseMount(image, mountpoint, args, run_dir=self.run_dir,
-                         foreground=foreground, env=env)
+                         foreground=foreground, env=env, cwd=cwd)
         self.mounts.append(m)
         return m.start()
 
