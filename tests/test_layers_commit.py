@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from obdfuse.blob import FileBlob
+from obdfuse.errors import FormatError
 from obdfuse.layers.commit import CommitOptions, commit_layer
 from obdfuse.layers.header import LsmtHeader
 from obdfuse.layers.sealed import open_layer
@@ -159,4 +160,27 @@ def test_empty_layer_commits_to_a_valid_empty_layer(tmp_path):
     assert len(raw) == 4096 + 4096  # no data, no index entries (0 padded to 0)
     layer = trio.run(open_layer, FileBlob(tmp_path / "out"))
     assert len(layer.segments) == 0
+    rw.close()
+
+
+def test_a_short_read_from_the_source_fails_the_commit_and_leaves_no_output(tmp_path):
+    """A source returning fewer bytes than asked must not shift data under the index."""
+    rw = WritableLayer.create(tmp_path / "d", tmp_path / "i", MIB)
+    rw.write(0, b"a" * 8192)
+    rw.write(65536, b"b" * 4096)
+
+    class ShortSource:
+        virtual_size = rw.virtual_size
+        uuid = rw.uuid
+        parent_uuid = rw.parent_uuid
+
+        def commit_segments(self):
+            return rw.commit_segments()
+
+        async def read_tagged(self, tag, moffset, count):
+            return (await rw.read_tagged(tag, moffset, count))[:-512]
+
+    with pytest.raises(FormatError, match="returned 11776 of 12288 bytes"):
+        trio.run(commit_layer, ShortSource(), tmp_path / "out", CommitOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "i"]
     rw.close()

@@ -17,6 +17,7 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
+from obdfuse.errors import FormatError
 from obdfuse.layers.header import (
     COMMIT_HEADER_FLAGS,
     COMMIT_TRAILER_FLAGS,
@@ -106,8 +107,7 @@ async def write_lsmt(
         user_tag=user_tag,
     )
     out.write(header.pack())
-    written = await _copy_data(flat, read, out)
-    assert written == (data_end - FIRST_DATA_SECTOR) * SECTOR
+    await _copy_data(flat, read, out)
     padding = pad_to(len(index))
     encoded = encode(index) + INVALID_ENTRY * padding
     for pos in range(0, len(encoded), 4096):
@@ -122,7 +122,11 @@ async def write_lsmt(
 
 
 async def _copy_data(flat: Segments, read: ReadSectors, out: BinaryIO) -> int:
-    """Copy the data of every non-zeroed mapping in logical order, coalescing reads."""
+    """Copy the data of every non-zeroed mapping in logical order, coalescing reads.
+
+    Every read must return exactly the sectors asked for: one short read would shift
+    all later data against the index, so it fails the commit instead.
+    """
     data = flat.take(~flat.zeroed)
     n = len(data)
     if not n:
@@ -141,6 +145,11 @@ async def _copy_data(flat: Segments, read: ReadSectors, out: BinaryIO) -> int:
         for pos in range(0, count, chunk):
             n_sec = min(chunk, count - pos)
             buf = await read(tag, start + pos, n_sec)
+            if len(buf) != n_sec * SECTOR:
+                raise FormatError(
+                    f"commit: source {tag} returned {len(buf)} of {n_sec * SECTOR} bytes "
+                    f"at byte {(start + pos) * SECTOR}"
+                )
             out.write(buf)
             total += len(buf)
     return total
