@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from obdfuse.device import _punch_hole
 from obdfuse.errors import FormatError
+from obdfuse.fileio import punch_hole, pwrite_all
 from obdfuse.layers.header import (
     FLAG_DATA,
     FLAG_HEADER,
@@ -239,11 +239,11 @@ class WritableLayer:
             piece = view[pos : pos + MAX_IO_SIZE]
             at = offset + pos
             if self.sparse:
-                _pwrite_all(self._data_fd, piece, SLOT_SIZE + at)
+                pwrite_all(self._data_fd, piece, SLOT_SIZE + at)
                 self.index.insert(at // SECTOR, len(piece) // SECTOR, (SLOT_SIZE + at) // SECTOR)
                 continue
             moffset = self._data_end // SECTOR
-            _pwrite_all(self._data_fd, piece, self._data_end)
+            pwrite_all(self._data_fd, piece, self._data_end)
             self._data_end += len(piece)
             self._append_log(at // SECTOR, len(piece) // SECTOR, moffset, zeroed=False)
 
@@ -251,7 +251,7 @@ class WritableLayer:
         """Make a sector-aligned range read as zeros (shadowing lower layers)."""
         self._check_range(offset, length)
         if self.sparse:
-            _punch_hole(self._data_fd, SLOT_SIZE + offset, length)
+            punch_hole(self._data_fd, SLOT_SIZE + offset, length)
         start, end = offset // SECTOR, (offset + length) // SECTOR
         for s in range(start, end, MAX_LENGTH):
             n = min(MAX_LENGTH, end - s)
@@ -282,7 +282,7 @@ class WritableLayer:
     def _append_log(self, offset: int, length: int, moffset: int, *, zeroed: bool) -> None:
         entry = _ENTRY.pack(offset | (length << 50), moffset | (int(zeroed) << 55))
         assert self._index_fd is not None
-        _pwrite_all(self._index_fd, entry, self._index_end)
+        pwrite_all(self._index_fd, entry, self._index_end)
         self._index_end += ENTRY_SIZE
         self.index.insert(offset, length, moffset, zeroed)
 
@@ -302,14 +302,6 @@ class WritableLayer:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _load_index_log(
