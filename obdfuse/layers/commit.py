@@ -18,6 +18,7 @@ from typing import BinaryIO, Protocol
 import numpy as np
 
 from obdfuse.errors import FormatError
+from obdfuse.fileio import atomic_output
 from obdfuse.layers.header import (
     COMMIT_HEADER_FLAGS,
     COMMIT_TRAILER_FLAGS,
@@ -166,49 +167,39 @@ async def commit_layer(
     out_path = Path(out_path)
     uuid = normalize_uuid(options.uuid) if options.uuid else NULL_UUID
     parent = normalize_uuid(options.parent_uuid) if options.parent_uuid else source.parent_uuid
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    tmp_path = Path(tmp)
-    try:
-        with os.fdopen(fd, "w+b") as f, ExitStack() as scratch:
-            # A tar wrapper needs the payload size first: stage the payload in a temp file.
-            target: BinaryIO = (
-                scratch.enter_context(tempfile.TemporaryFile(dir=out_path.parent))
-                if options.tar
-                else f
-            )
-            writer = None
-            if options.zfile:
-                from obdfuse.zfile import ZFileWriter
+    with atomic_output(out_path) as f, ExitStack() as scratch:
+        # A tar wrapper needs the payload size first: stage the payload in a temp file.
+        target: BinaryIO = (
+            scratch.enter_context(tempfile.TemporaryFile(dir=out_path.parent))
+            if options.tar
+            else f
+        )
+        writer = None
+        if options.zfile:
+            from obdfuse.zfile import ZFileWriter
 
-                writer = ZFileWriter(
-                    target,
-                    algorithm=options.algorithm,
-                    block_size=options.block_size,
-                    checksum=True,
-                    overwrite_header=options.overwrite_header,
-                )
-            await write_lsmt(
-                source.commit_segments(),
-                source.read_tagged,
-                writer if writer is not None else target,  # type: ignore[arg-type]
-                virtual_size=source.virtual_size,
-                uuid=uuid,
-                parent_uuid=parent,
-                user_tag=options.user_tag,
+            writer = ZFileWriter(
+                target,
+                algorithm=options.algorithm,
+                block_size=options.block_size,
+                checksum=True,
+                overwrite_header=options.overwrite_header,
             )
-            if writer is not None:
-                writer.close()
-            if options.tar:
-                from obdfuse.tarwrap import write_wrapped
+        await write_lsmt(
+            source.commit_segments(),
+            source.read_tagged,
+            writer if writer is not None else target,  # type: ignore[arg-type]
+            virtual_size=source.virtual_size,
+            uuid=uuid,
+            parent_uuid=parent,
+            user_tag=options.user_tag,
+        )
+        if writer is not None:
+            writer.close()
+        if options.tar:
+            from obdfuse.tarwrap import write_wrapped
 
-                payload_size = target.seek(0, os.SEEK_END)
-                target.seek(0)
-                write_wrapped(target, f, payload_size)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.seek(0, os.SEEK_END)
-        os.replace(tmp_path, out_path)
-        return size
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+            payload_size = target.seek(0, os.SEEK_END)
+            target.seek(0)
+            write_wrapped(target, f, payload_size)
+        return f.seek(0, os.SEEK_END)
