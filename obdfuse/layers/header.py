@@ -12,6 +12,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 
 from obdfuse.errors import FormatError
+from obdfuse.slotflags import FLAG_DATA, FLAG_HEADER, FLAG_SEALED, SlotFlags
 
 SLOT_SIZE = 4096
 STRUCT_SIZE = 390
@@ -23,10 +24,7 @@ USER_TAG_SIZE = 256
 VERSION = 1
 SUB_VERSION = 1
 
-# Flag bits (§3.2)
-FLAG_HEADER = 1 << 0
-FLAG_DATA = 1 << 1
-FLAG_SEALED = 1 << 2
+# Flag bits (§3.2): bits 0-2 (header, data, sealed) are shared with ZFile (slotflags)
 FLAG_SPARSE = 1 << 4
 
 # Observed flag values (§3.2)
@@ -59,7 +57,7 @@ def random_uuid() -> str:
 
 
 @dataclass(frozen=True)
-class LsmtHeader:
+class LsmtHeader(SlotFlags):
     """One LSMT header or trailer slot."""
 
     flags: int
@@ -71,18 +69,6 @@ class LsmtHeader:
     version: int = VERSION
     sub_version: int = SUB_VERSION
     user_tag: bytes = field(default=b"")
-
-    @property
-    def is_header(self) -> bool:
-        return bool(self.flags & FLAG_HEADER)
-
-    @property
-    def is_data(self) -> bool:
-        return bool(self.flags & FLAG_DATA)
-
-    @property
-    def is_sealed(self) -> bool:
-        return bool(self.flags & FLAG_SEALED)
 
     @property
     def is_sparse(self) -> bool:
