@@ -15,10 +15,10 @@ from itertools import pairwise
 
 from crc32c import crc32c as _std_crc32c
 
-from obdfuse.blob import Blob, FileBlob, SliceBlob
+from obdfuse.blob import Blob, FileBlob
 from obdfuse.crc import SALT, crc_salt, salted_block_ok
 from obdfuse.errors import CorruptDataError, FormatError
-from obdfuse.tarwrap import HEAD_SIZE, parse_wrapper
+from obdfuse.tarwrap import HEAD_SIZE, payload_slice
 from obdfuse.zfile.codec import DECOMPRESSORS, RAW_DECOMPRESSORS, CodecError
 from obdfuse.zfile.format import (
     CHECKSUM_SIZE,
@@ -99,15 +99,9 @@ class ZFileReader:
         inner: Blob = blob
         blob_offset = 0
         if unwrap:
-            found = parse_wrapper(head)
-            if found is not None:
-                blob_offset, size = found
-                if blob_offset + size > blob.size:
-                    raise FormatError(
-                        f"{name}: tar payload at {blob_offset} of {size} bytes runs past the "
-                        f"end of the blob ({blob.size} bytes; truncated?)"
-                    )
-                inner = SliceBlob(blob, blob_offset, size, name=name)
+            payload = payload_slice(blob, head)
+            if payload is not None:
+                inner, blob_offset = payload, payload.start
                 head = head[blob_offset:]
         if len(head) < SLOT_SIZE:
             head = await inner.pread(0, SLOT_SIZE)
