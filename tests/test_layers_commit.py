@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -182,5 +183,34 @@ def test_a_short_read_from_the_source_fails_the_commit_and_leaves_no_output(tmp_
 
     with pytest.raises(FormatError, match="returned 11776 of 12288 bytes"):
         trio.run(commit_layer, ShortSource(), tmp_path / "out", CommitOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "i"]
+    rw.close()
+
+
+def test_a_failed_zfile_commit_stops_its_compression_threads(tmp_path):
+    rw = WritableLayer.create(tmp_path / "d", tmp_path / "i", 8 * MIB)
+    rw.write(4 * MIB, b"late" * 1024)  # data file order differs from logical order:
+    rw.write(0, random.randbytes(MIB))  # two separate reads when committing
+
+    class FailingSource:
+        virtual_size = rw.virtual_size
+        uuid = rw.uuid
+        parent_uuid = rw.parent_uuid
+        reads = 0
+
+        def commit_segments(self):
+            return rw.commit_segments()
+
+        async def read_tagged(self, tag, moffset, count):
+            self.reads += 1
+            if self.reads == 2:
+                raise OSError(5, "Input/output error")
+            return await rw.read_tagged(tag, moffset, count)
+
+    source = FailingSource()
+    with pytest.raises(OSError, match="Input/output"):
+        trio.run(commit_layer, source, tmp_path / "out", CommitOptions(zfile=True))
+    assert source.reads == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("zfile-compress")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "i"]
     rw.close()

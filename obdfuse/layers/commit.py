@@ -178,12 +178,14 @@ async def commit_layer(
         if options.zfile:
             from obdfuse.zfile import ZFileWriter
 
-            writer = ZFileWriter(
-                target,
-                algorithm=options.algorithm,
-                block_size=options.block_size,
-                checksum=True,
-                overwrite_header=options.overwrite_header,
+            writer = scratch.enter_context(  # aborted (threads stopped) if the commit fails
+                ZFileWriter(
+                    target,
+                    algorithm=options.algorithm,
+                    block_size=options.block_size,
+                    checksum=True,
+                    overwrite_header=options.overwrite_header,
+                )
             )
         await write_lsmt(
             source.commit_segments(),
