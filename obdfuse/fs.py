@@ -145,6 +145,7 @@ class ImageFS(pyfuse3.Operations):
         # Unknown after a takeover: the first fsync always reaches the device.
         self._dirty = not device.read_only
         self._rmw_lock = trio.Lock()
+        self._flush_lock = trio.Lock()
         self._started_ns = time.time_ns()
         self._mtime_ns = self._started_ns
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -350,15 +351,24 @@ class ImageFS(pyfuse3.Operations):
         await self._flush_device()
 
     async def _flush_device(self) -> None:
-        if self.device.read_only or not self._dirty:
+        """Flush the device if anything was written since the last completed flush.
+
+        Serialised: an fsync that finds a flush in flight waits for it instead of
+        returning early on the already-cleared dirty flag (its data may not be durable
+        until that flush completes).
+        """
+        if self.device.read_only:
             return
-        self._dirty = False
-        try:
-            await self.device.flush()
-        except BaseException:
-            self._dirty = True
-            raise
-        self.counters.flushes += 1
+        async with self._flush_lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+            try:
+                await self.device.flush()
+            except BaseException:
+                self._dirty = True
+                raise
+            self.counters.flushes += 1
 
     async def release(self, fh: int) -> None:
         if fh in (_IMAGE_FH_RO, _IMAGE_FH_RW):

@@ -133,3 +133,45 @@ def test_image_handles_need_no_state_so_a_new_process_can_serve_them(tmp_path):
         assert err.value.errno == errno.EBADF
 
     trio.run(go)
+
+
+class SlowFlushDevice(FailingDevice):
+    """A writable device whose flush takes a while (e.g. fdatasync in a worker thread)."""
+
+    read_only = False
+
+    def __init__(self) -> None:
+        super().__init__(OSError(errno.EIO, "unused"))
+        self.durable = False
+        self.flushes = 0
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        self.durable = False
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        await trio.sleep(0.05)
+        self.durable = True
+
+
+def test_an_fsync_never_returns_before_the_flush_in_flight_is_done():
+    device = SlowFlushDevice()
+    fs = ImageFS(device)
+    seen: list[bool] = []
+
+    async def fsync() -> None:
+        await fs.fsync(IMAGE_INODE, False)
+        seen.append(device.durable)  # every returned fsync must find the data durable
+
+    async def go() -> None:
+        info = await fs.open(IMAGE_INODE, os.O_RDWR, None)
+        await fs.write(info.fh, 0, b"x" * 512)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fsync)
+            await trio.sleep(0.01)  # the second fsync arrives while the first one flushes
+            nursery.start_soon(fsync)
+        await fs.release(info.fh)
+
+    trio.run(go)
+    assert seen == [True, True]
+    assert device.flushes == 1  # the second fsync had nothing new to flush
