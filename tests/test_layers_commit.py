@@ -214,3 +214,22 @@ def test_a_failed_zfile_commit_stops_its_compression_threads(tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("zfile-compress")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "i"]
     rw.close()
+
+
+def test_an_unencodable_mapping_fails_the_commit_instead_of_corrupting_the_index(tmp_path):
+    """A 14-bit length field cannot hold 16384 sectors: encoding it would wrap to 0."""
+    from obdfuse.layers.segment import make_segments
+
+    class HugeZeroedSource:
+        virtual_size = 64 * MIB
+        uuid = parent_uuid = ""
+
+        def commit_segments(self):
+            return make_segments([0], [MAX_LENGTH + 1], [0], zeroed=[True])
+
+        async def read_tagged(self, tag, moffset, count):
+            raise AssertionError("zeroed mappings have no data to read")
+
+    with pytest.raises(ValueError, match="out of range"):
+        trio.run(commit_layer, HugeZeroedSource(), tmp_path / "out", CommitOptions())
+    assert not (tmp_path / "out").exists()

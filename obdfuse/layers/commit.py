@@ -32,6 +32,7 @@ from obdfuse.layers.segment import (
     INVALID_ENTRY,
     SECTOR,
     Segments,
+    check_fields,
     encode,
     merge_adjacent,
     pad_to,
@@ -100,6 +101,7 @@ async def write_lsmt(
     if len(user_tag) > USER_TAG_SIZE:
         raise ValueError(f"commit message longer than {USER_TAG_SIZE} bytes")
     index, data_end = plan_commit(flat)
+    check_fields(index, "commit")  # an out-of-range field would encode into a corrupt entry
     header = LsmtHeader(
         flags=COMMIT_HEADER_FLAGS,
         virtual_size=virtual_size,
