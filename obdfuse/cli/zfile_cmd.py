@@ -20,7 +20,6 @@ from obdfuse.errors import ObdfuseError
 from obdfuse.fileio import atomic_output
 from obdfuse.tarwrap import PAX_PAYLOAD_OFFSET, build_header, build_trailer, write_wrapped
 from obdfuse.zfile import ALGORITHMS, ZFileReader, ZFileWriter
-from obdfuse.zfile.format import ALGORITHM_NAMES
 from obdfuse.zfile.writer import can_rewrite
 
 COPY_CHUNK = 4 << 20
@@ -182,7 +181,7 @@ def describe(reader: ZFileReader) -> dict[str, object]:
     return {
         "file": reader.name,
         "tar_payload_offset": reader.blob_offset if reader.blob_offset else None,
-        "algorithm": ALGORITHM_NAMES.get(ht.algorithm, str(ht.algorithm)),
+        "algorithm": ht.algorithm_name,
         "block_size": ht.block_size,
         "checksums": ht.verify,
         "blocks": ht.index_size,

@@ -37,7 +37,7 @@ RW_INDEX_FLAGS = FLAG_HEADER  # 0x01
 MAX_RO_INDEX_SIZE = 1_000_000  # entries in a sealed layer (§3.4)
 MAX_RW_INDEX_SIZE = 128_000_000  # entries in an RW index log (§3.5)
 
-_FMT = struct.Struct("<8s16sIIQQQ37s37sHBB256s")
+_FMT = struct.Struct(f"<8s16sIIQQQ{UUID_FIELD}s{UUID_FIELD}sHBB{USER_TAG_SIZE}s")
 assert _FMT.size == STRUCT_SIZE
 _UUID_RE = re.compile(r"[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}", re.I)
 

@@ -15,11 +15,6 @@ from obdfuse.layers.segment import Segments, concat, empty_segments
 
 _BIG = np.int64(1 << 62)
 
-# Kinds of pieces a lookup returns.
-HOLE = 0  # unmapped everywhere: reads as zeros
-ZERO = 1  # a zeroed mapping: reads as zeros
-DATA = 2  # data at (tag, moffset)
-
 
 class SegmentIndex:
     """An immutable index of sorted, non-overlapping mappings (sectors)."""

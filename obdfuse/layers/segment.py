@@ -157,13 +157,6 @@ def check_fields(segs: Segments, where: str) -> None:
         )
 
 
-def split_long(segs: Segments, limit: int = MAX_LENGTH) -> Segments:
-    """Split mappings longer than `limit` sectors into consecutive pieces of ≤ limit."""
-    if not len(segs) or int(segs.length.max()) <= limit:
-        return segs
-    return split_pieces(segs, limit, split_zeroed=True)
-
-
 def split_pieces(segs: Segments, piece: int, *, split_zeroed: bool) -> Segments:
     """Cut each mapping into pieces of `piece` sectors counted from its own start (§3.6).
 
