@@ -53,6 +53,7 @@ def normalize_uuid(text: str | None) -> str:
 
 
 def random_uuid() -> str:
+    """A fresh random UUID in overlaybd's uppercase form."""
     return str(uuidlib.uuid4()).upper()
 
 
@@ -74,7 +75,8 @@ class LsmtHeader(SlotFlags):
     def is_sparse(self) -> bool:
         return bool(self.flags & FLAG_SPARSE)
 
-    def replace(self, **changes) -> LsmtHeader:
+    def replace(self, **changes: object) -> LsmtHeader:
+        """A copy with some fields changed."""
         return replace(self, **changes)
 
     def pack(self) -> bytes:

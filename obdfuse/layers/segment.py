@@ -84,6 +84,7 @@ def make_segments(offset, length, moffset, zeroed=None, tag=None) -> Segments:
 
 
 def empty_segments() -> Segments:
+    """Segments with no mappings."""
     return make_segments([], [], [])
 
 

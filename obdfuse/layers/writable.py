@@ -194,6 +194,7 @@ class WritableLayer:
         return self.header.parent_uuid
 
     def flat_index(self) -> SegmentIndex:
+        """The resolved index as one flat SegmentIndex (later writes win)."""
         return self.index.flat()
 
     def commit_segments(self) -> Segments:
@@ -217,6 +218,7 @@ class WritableLayer:
     # ---- IO -----------------------------------------------------------------------------
 
     def read_sectors_sync(self, moffset: int, count: int) -> bytes:
+        """`count` sectors of the data file at sector `moffset` (exactly, or raise)."""
         want = count * SECTOR
         data = os.pread(self._data_fd, want, moffset * SECTOR)
         if len(data) < want:
@@ -269,6 +271,7 @@ class WritableLayer:
             os.fdatasync(self._index_fd)
 
     def close(self) -> None:
+        """Close the data and index files (no flush: call flush() first to persist)."""
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
