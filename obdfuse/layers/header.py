@@ -34,6 +34,8 @@ RW_DATA_FLAGS = FLAG_HEADER | FLAG_DATA  # 0x03
 RW_SPARSE_DATA_FLAGS = RW_DATA_FLAGS | FLAG_SPARSE  # 0x13
 RW_INDEX_FLAGS = FLAG_HEADER  # 0x01
 
+#: Mappings address 50-bit sector offsets (§3.3): no disk can be larger than this.
+MAX_VIRTUAL_SIZE = ((1 << 50) - 1) * 512
 MAX_RO_INDEX_SIZE = 1_000_000  # entries in a sealed layer (§3.4)
 MAX_RW_INDEX_SIZE = 128_000_000  # entries in an RW index log (§3.5)
 
@@ -112,6 +114,10 @@ class LsmtHeader(SlotFlags):
             raise FormatError(f"{where}: not an LSMT header (bad magic)")
         if size != STRUCT_SIZE:
             raise FormatError(f"{where}: LSMT header size {size}, expected {STRUCT_SIZE}")
+        if vsize > MAX_VIRTUAL_SIZE:
+            raise FormatError(
+                f"{where}: virtual size {vsize} exceeds what LSMT can address ({MAX_VIRTUAL_SIZE})"
+            )
         return cls(
             flags=flags,
             index_offset=ioff,
