@@ -103,13 +103,14 @@ async def _serve(image, listen, iqn, chap, raw, writable, upper, size, cache_dir
 
     device = await _open_device(image, raw, writable, upper, size, cache_dir)
     try:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_iscsi, device, listen, iqn, chap)
-            mode = "read-only" if device.read_only else "writable"
-            host = listen.rsplit(":", 1)[0] or "127.0.0.1"
-            click.echo(f"obdfuse: serving {image} ({mode}, {device.size} bytes) as "
-                       f"iscsi://{host}:{port}/{iqn}/0", err=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Signals are caught before the port opens: a supervisor may stop us at once.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(serve_iscsi, device, listen, iqn, chap)
+                mode = "read-only" if device.read_only else "writable"
+                host = listen.rsplit(":", 1)[0] or "127.0.0.1"
+                click.echo(f"obdfuse: serving {image} ({mode}, {device.size} bytes) as "
+                           f"iscsi://{host}:{port}/{iqn}/0", err=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break

@@ -135,11 +135,15 @@ class TgtTarget:
         return self
 
     def stop(self) -> None:
+        """Shut tgtd down the way it accepts (it ignores SIGTERM), then make sure."""
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.terminate()
+                for args in (("--op", "delete", "--mode", "target", "--tid", "1", "--force"),
+                             ("--op", "delete", "--mode", "system")):
+                    with contextlib.suppress(subprocess.SubprocessError):
+                        self._adm(*args)
                 try:
-                    self.proc.wait(10)
+                    self.proc.wait(5)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
