@@ -620,3 +620,27 @@ def test_private_registry_needs_and_uses_credentials(cache_dir, tmp_path) -> Non
             check=False,
         )
         assert "already an overlaybd image" in out.stderr, out.stderr
+
+
+def test_vsize_and_zstd_make_their_own_base_layer(mounts, tmp_path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "hello").write_text("small disk")
+    cache = tmp_path / "cache"
+    obdfuse_cli(
+        "build",
+        "--cache-dir",
+        str(cache),
+        "--vsize",
+        "2G",
+        "--algorithm",
+        "zstd",
+        str(tree),
+        f"oci:{tmp_path / 'out'}:small",
+    )
+    assert [p.name for p in (cache / "base").glob("*.layer")] == ["ext4-2G-zstd-4k.layer"]
+    m = mounts.mount(str(layout_config(tmp_path / "out", "small", tmp_path / "c.json")))
+    assert m.image_path.stat().st_size == 2 << 30
+    device = mounts.loop.attach(m.image_path, read_only=True)
+    root = mounts.loop.mount(device, tmp_path / "fs", read_only=True)
+    assert (root / "hello").read_text() == "small disk"
