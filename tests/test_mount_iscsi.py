@@ -50,4 +50,5 @@ def test_iscsi_port_in_use_fails_before_mounting(mounts, samples, tmp_path) -> N
                               str(samples / "layers" / "l1.commit"), str(mnt))
     assert proc.returncode != 0
     assert f"127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
-    assert not any(str(mnt) in line for line in open("/proc/mounts"))
+    with open("/proc/mounts") as f:
+        assert not any(str(mnt) in line for line in f)
