@@ -135,7 +135,10 @@ async def _open_config(text: str, cache_dir: Path | None) -> Opened:
     lowers: list[SealedLayer] = []
     async with AsyncExitStack() as cleanup:
         try:
-            for i, lower in enumerate(config.lowers):
+            specs = config.lowers
+            if config.raw.get("accelerationLayer") is True:
+                specs = specs[:-1]  # the top lower holds a trace, not data (spec §7.3)
+            for i, lower in enumerate(specs):
                 file = lower.local_file()
                 if file is None:
                     raise FormatError(

@@ -49,6 +49,7 @@ class CacheStats:
     chunks_fetched: int = 0
     readahead_chunks: int = 0
     background_bytes: int = 0
+    prefetch_chunks: int = 0  # chunks a prefetch (trace replay) found missing
     verify_failures: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -325,6 +326,29 @@ class CachedBlob:
             self.stats.cache_hits += 1
         self._maybe_readahead(offset, n, last)
         return data
+
+    def chunk_present(self, index: int) -> bool:
+        """True if chunk `index` (of `chunk_size` bytes) is in the cache."""
+        return self.files.present(index)
+
+    async def prefetch(self, offset: int, length: int) -> int:
+        """Bring [offset, offset+length) into the cache without reading it, as background
+        work (not counted as a demand read); missing neighbouring chunks are fetched with
+        one range request. Returns how many chunks were missing."""
+        n = clamp(self.size, offset, length)
+        if n == 0:
+            return 0
+        if self.size <= self.cache.whole_below or self._suspect:  # as pread: whole, verified
+            first, last = 0, self.files.nchunks - 1
+        else:
+            first, last = offset // self.chunk_size, (offset + n - 1) // self.chunk_size
+        missing = sum(1 for i in range(first, last + 1) if not self.files.present(i))
+        self.stats.prefetch_chunks += missing
+        if missing:
+            await self._ensure(first, last, demand=False)
+            if self.files.complete and not self.files.verified:
+                await self._verify()
+        return missing
 
     async def _ensure(self, first: int, last: int, *, demand: bool) -> bool:
         """Make chunks [first, last] present; True if this call had to wait for any fetch."""

@@ -27,6 +27,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("obdfuse.cli.iscsi_cmd", "iscsi"),
     ("obdfuse.cli.convert_cmd", "convert"),
     ("obdfuse.cli.convert_cmd", "build"),
+    ("obdfuse.cli.trace_cmd", "trace"),
 ]
 
 

@@ -24,7 +24,7 @@ from obdfuse.daemon import (
 )
 from obdfuse.device import BlockDevice, RawFileDevice
 from obdfuse.errors import ObdfuseError
-from obdfuse.fs import STAT_NAME
+from obdfuse.fs import IMAGE_NAME, STAT_NAME
 from obdfuse.mountpoint import FSTYPE, fuse_unmount, mounts
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -48,6 +48,18 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
               help="Seconds to wait for the mount to become ready.")
 @click.option("--raw", type=click.Choice(["ro", "rw"]), hidden=True,
               help="Serve IMAGE as a plain disk image file (testing and benchmarks).")
+@click.option("--record-trace", type=click.Path(path_type=Path), metavar="PATH",
+              help="Record the reads of the image's layers into PATH (overlaybd trace "
+              "format) until PATH.lock is deleted or the image is unmounted.")
+@click.option("--replay-trace", type=click.Path(path_type=Path), metavar="PATH",
+              help="Prefetch what a trace (or a prefetch list of paths) names, in the "
+              "background, once mounted.")
+@click.option("--prefetch-concurrency", type=click.IntRange(1, 256), default=16,
+              show_default=True, help="Parallel requests of --replay-trace.")
+@click.option("--prefetch-window", type=SIZE, default="128M", show_default=True,
+              help="Most bytes a trace replay keeps in flight to the registry.")
+@click.option("--prefetch-request-size", type=SIZE, default="8M", hidden=True,
+              help="Largest range request a trace replay merges neighbouring chunks into.")
 @click.option("--max-tasks", type=click.IntRange(1, 256), default=16, hidden=True)
 @click.option("--readahead-kb", type=click.IntRange(0, 1 << 20), default=4096, hidden=True)
 @click.argument("image")
@@ -65,6 +77,11 @@ def mount(
     raw: str | None,
     max_tasks: int,
     readahead_kb: int,
+    record_trace: Path | None = None,
+    replay_trace: Path | None = None,
+    prefetch_concurrency: int = 16,
+    prefetch_request_size: int = 8 << 20,
+    prefetch_window: int = 128 << 20,
     **remote_kw: Any,
 ) -> None:
     """Expose IMAGE (config.v1.json, layer file or image reference) as MOUNTPOINT/image.
@@ -89,13 +106,20 @@ def mount(
     local = raw is not None or os.path.exists(image)
     remote = None if local else remote_options_from({**remote_kw, "cache_dir": cache_dir})
 
+    trace = _trace_service(image, mountpoint, raw, record_trace, replay_trace,
+                           concurrency=prefetch_concurrency, max_request=prefetch_request_size,
+                           window=prefetch_window)
+
     async def open_device() -> BlockDevice:
         if raw:
             return RawFileDevice(image, read_only=raw == "ro")
         from obdfuse.image import open_image
 
-        return await open_image(image, upper=upper, size=size, cache_dir=cache_dir,
-                                remote=remote)
+        device = await open_image(image, upper=upper, size=size, cache_dir=cache_dir,
+                                  remote=remote)
+        if trace is not None:
+            trace.attach(device)  # a recording starts with the image: no read is missed
+        return device
 
     settings = MountSettings(
         mountpoint=mountpoint,
@@ -105,6 +129,9 @@ def mount(
         ready_timeout=timeout,
         log_file=None if foreground else str(log_path),
     )
+    if trace is not None:
+        settings.services.append(trace.run)
+        settings.stat_providers.append(trace.stats)
 
     def serve(readiness: Readiness) -> int:
         setup_logging(log_level)
@@ -113,6 +140,41 @@ def mount(
     if foreground:
         raise SystemExit(serve(StderrReadiness()))
     daemonize(serve, log_file=log_path, timeout=timeout)
+
+
+def _trace_service(image: str, mountpoint: Path, raw: str | None, record: Path | None,
+                   replay: Path | None, **tuning: int):
+    """The trace mode of this mount (options, else the config's keys), checked now."""
+    from obdfuse.trace.session import TraceService, TraceSettings
+
+    if record and replay:
+        raise click.UsageError("--record-trace and --replay-trace exclude each other")
+    if raw and (record or replay):
+        raise click.UsageError("--raw images have no layers to trace")
+    if record:
+        settings = TraceSettings.for_record(record, **tuning)
+    elif replay:
+        settings = TraceSettings.for_replay(replay, **tuning)
+    elif not raw and _is_config_file(image):
+        from obdfuse.layers.config import load_config
+
+        settings = TraceSettings.from_config(load_config(image), **tuning)
+    else:
+        return None
+    if not settings.enabled:
+        return None
+    return TraceService(settings, image_file=mountpoint / IMAGE_NAME.decode())
+
+
+def _is_config_file(image: str) -> bool:
+    """A config.v1.json (the file `open_image` would read as a config)."""
+    path = Path(image)
+    if not path.is_file():
+        return False
+    if path.suffix == ".json":
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(64).lstrip()[:1] == b"{"
 
 
 @click.command()

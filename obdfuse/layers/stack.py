@@ -222,6 +222,17 @@ class Stack:
         """Raw data of the layer named by an index tag (lower index or UPPER_TAG)."""
         return await self._source_read(tag, moffset, count)
 
+    def layer_extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """Where the bytes [offset, offset+length) of the disk live: (source, byte offset in
+        the source's layer file, byte count) per data run, in disk order; source = lower
+        index or UPPER_TAG. Holes and zeroed ranges are left out (prefetch planning)."""
+        n = clamp(self._size, offset, length)
+        if n == 0:
+            return []
+        s0, s1 = offset // SECTOR, -(-(offset + n) // SECTOR)
+        return [(tag, moff * SECTOR, count * SECTOR)
+                for _, count, tag, moff in self._lookup(s0, s1)]
+
     # ---- internals ----------------------------------------------------------------------
 
     def _top(self):
