@@ -52,3 +52,22 @@ def test_iscsi_port_in_use_fails_before_mounting(mounts, samples, tmp_path) -> N
     assert f"127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
     with open("/proc/mounts") as f:
         assert not any(str(mnt) in line for line in f)
+
+
+def test_iscsi_serve_reads_a_registry_image_lazily(registry, samples, tmp_path) -> None:
+    import sys
+
+    from tests.support.iscsi import ObdfuseTarget
+
+    ref = f"{registry.host}/l1:v1"
+    push = subprocess.run(
+        [sys.executable, "-m", "obdfuse", "push", str(samples / "layers" / "l1.commit.lz4.zfile"),
+         ref], capture_output=True, text=True, timeout=120,
+    )
+    assert push.returncode == 0, push.stderr
+    out = tmp_path / "via-iscsi.img"
+    with ObdfuseTarget("--cache-dir", str(tmp_path / "cache"), ref) as target:
+        subprocess.run(["qemu-img", "convert", "-O", "raw", target.url, str(out)],
+                       check=True, capture_output=True, timeout=120)
+    assert _sha256(out) == L1_IMAGE_SHA256
+    assert any((tmp_path / "cache").rglob("*")), "the registry image was read through the cache"
