@@ -100,3 +100,15 @@ def test_conformance_writes_on_an_image_upper(tmp_path, samples):
                                       "SCSI.CompareAndWrite,SCSI.GetLBAStatus")
     assert res.total >= 25
     assert res.failed == 0, res.failures
+
+
+def test_multipath_two_sessions_to_one_lu(tmp_path):
+    """A second URL makes libiscsi open two sessions and run MultipathIO (and the
+    two-nexus variants of other tests) through both."""
+    disk = _sparse(tmp_path / "mp.img", 16 << 20)
+    with ObdfuseTarget("--raw", "--writable", str(disk)) as target:
+        res = run_test_cu(target.url, "SCSI.MultipathIO,SCSI.Reserve6,SCSI.CompareAndWrite",
+                          second_url=target.url)
+    assert res.failed == 0, res.failures
+    assert not [name for name in res.skips if name.startswith("MultipathIO.")], res.skips
+    assert res.total >= 15

@@ -132,12 +132,12 @@ class LogicalUnit:
             self.reservation = None
 
     def reset(self, by: str, code: tuple[int, int] = S.LUN_RESET_OCCURRED) -> None:
-        """LOGICAL UNIT RESET (or a target reset): clear reservations, and raise a
-        unit attention for every other nexus."""
+        """LOGICAL UNIT RESET (or a target reset): clear RESERVE(6) reservations and
+        raise a unit attention for every I_T nexus, the requester's included (SAM-5
+        §7.7; multipath initiators look for it on every path)."""
         self.reservation = None
-        for key, st in self._nexus.items():
-            if key != by:
-                st.unit_attentions.append(code)
+        for st in self._nexus.values():
+            st.unit_attentions.append(code)
 
     def _pending_ua(self, nexus: str) -> tuple[int, int] | None:
         st = self._nexus.get(nexus)
