@@ -150,7 +150,12 @@ class TraceService:
         mode, path = self.settings.mode, self.settings.path
         assert path is not None
         if self.recorder is not None:
-            await record_until_unlocked(self.recorder, path)
+            try:
+                await record_until_unlocked(self.recorder, path)
+            except OSError as exc:  # e.g. the lock file cannot be created: keep serving
+                self.recorder.stop()
+                self.error = f"recording into {path} failed: {exc}"
+                log.error("trace: %s", self.error)
         elif mode in (TraceMode.REPLAY, TraceMode.PREFETCH_LIST):
             await self._replay(device, path, mode, self.image_file)
 
