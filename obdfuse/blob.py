@@ -10,6 +10,7 @@ import os
 from typing import Protocol, runtime_checkable
 
 from obdfuse.errors import FormatError
+from obdfuse.fileio import pread_exact
 
 
 @runtime_checkable
@@ -61,13 +62,7 @@ class FileBlob:
         n = clamp(self._size, offset, length)
         if n == 0:
             return b""
-        data = os.pread(self._fd, n, offset)
-        while len(data) < n:  # short reads only happen on odd filesystems
-            more = os.pread(self._fd, n - len(data), offset + len(data))
-            if not more:
-                raise FormatError(f"{self.name}: file shrank while reading at {offset}")
-            data += more
-        return data
+        return pread_exact(self._fd, n, offset, name=self.name)
 
     async def aclose(self) -> None:
         self.close()

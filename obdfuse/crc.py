@@ -15,9 +15,13 @@ _MASK = 0xFFFFFFFF
 #: Seed of the ZFile per-block checksum ("well known prime", spec §1).
 SALT = 100007
 
+#: `SALT` in the `crc32c` package's (inverted) convention, for hot loops that call it directly.
+SALT_STD = SALT ^ _MASK
+
 #: For a raw CRC, appending the CRC as little-endian u32 drives the register to
-#: zero. In the standard library's convention that residue reads as 0xFFFFFFFF.
-_STD_RESIDUE = _MASK
+#: zero. In the standard library's convention that residue reads as 0xFFFFFFFF:
+#: `crc32c(block + le32(crc_salt(block)), SALT_STD) == STD_RESIDUE`.
+STD_RESIDUE = _MASK
 
 
 def crc_raw(data: bytes | bytearray | memoryview, init: int = 0) -> int:
@@ -27,9 +31,9 @@ def crc_raw(data: bytes | bytearray | memoryview, init: int = 0) -> int:
 
 def crc_salt(data: bytes | bytearray | memoryview) -> int:
     """The ZFile per-block checksum: `crc_raw(data, init=100007)`."""
-    return _std_crc32c(data, SALT ^ _MASK) ^ _MASK
+    return _std_crc32c(data, SALT_STD) ^ _MASK
 
 
 def salted_block_ok(stored: bytes | bytearray | memoryview) -> bool:
     """True if `stored` is block bytes followed by their LE `crc_salt` (one CRC pass)."""
-    return _std_crc32c(stored, SALT ^ _MASK) == _STD_RESIDUE
+    return _std_crc32c(stored, SALT_STD) == STD_RESIDUE

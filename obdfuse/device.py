@@ -6,14 +6,13 @@ file (a baseline for benchmarks, and a stand-in backend for front-end tests).
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Protocol, runtime_checkable
 
 from obdfuse.blob import clamp
+from obdfuse.fileio import pread_exact, punch_hole, pwrite_all
 
 SECTOR = 512
-THREADED_READ = 128 * 1024  # reads this large run in a worker thread
 
 
 @runtime_checkable
@@ -65,20 +64,15 @@ class RawFileDevice:
 
     async def pread(self, offset: int, length: int) -> bytes:
         n = clamp(self._size, offset, length)
-        if n >= THREADED_READ:  # big copies overlap with the event loop's other work
-            import trio
-
-            return await trio.to_thread.run_sync(os.pread, self._fd, n, offset)
-        return os.pread(self._fd, n, offset) if n else b""
+        return pread_exact(self._fd, n, offset, name=self.name) if n else b""
 
     async def pwrite(self, offset: int, data: bytes) -> None:
         self._check_write(offset, len(data))
-        os.pwrite(self._fd, data, offset)
+        pwrite_all(self._fd, data, offset)
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_write(offset, length)
-
-        _punch_hole(self._fd, offset, length)
+        punch_hole(self._fd, offset, length)
 
     async def flush(self) -> None:
         if not self._read_only:
@@ -97,29 +91,3 @@ class RawFileDevice:
             raise PermissionError(f"{self.name} is read-only")
         if offset < 0 or length < 0 or offset + length > self._size:
             raise ValueError(f"write {offset}+{length} outside the device of {self._size} bytes")
-
-
-@functools.cache
-def _libc():
-    """The C library, loaded once (find_library runs a subprocess)."""
-    import ctypes
-    import ctypes.util
-
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range so it reads as zeros (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE)."""
-    import ctypes
-
-    libc = _libc()
-    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
-    rc = libc.fallocate(
-        fd,
-        falloc_fl_keep_size | falloc_fl_punch_hole,
-        ctypes.c_longlong(offset),
-        ctypes.c_longlong(length),
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))

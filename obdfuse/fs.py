@@ -145,6 +145,8 @@ class ImageFS(pyfuse3.Operations):
         # Unknown after a takeover: the first fsync always reaches the device.
         self._dirty = not device.read_only
         self._rmw_lock = trio.Lock()
+        self._rmw_active = 0  # read-modify-writes running or waiting for the lock
+        self._flush_lock = trio.Lock()
         self._started_ns = time.time_ns()
         self._mtime_ns = self._started_ns
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -318,6 +320,9 @@ class ImageFS(pyfuse3.Operations):
             buf = buf[: end - off]  # a short write; the kernel reports it
         if off % SECTOR or len(buf) % SECTOR:
             await self._write_unaligned(off, buf)
+        elif self._rmw_active:  # must not land between a read-modify-write's read and write
+            async with self._rmw_lock:
+                await self.device.pwrite(off, buf)
         else:
             await self.device.pwrite(off, buf)
         self._dirty = True
@@ -329,15 +334,20 @@ class ImageFS(pyfuse3.Operations):
     async def _write_unaligned(self, off: int, buf: bytes) -> None:
         """Read-modify-write the whole sectors around an unaligned write.
 
-        Serialised, so two unaligned writes sharing a sector cannot lose each
-        other's bytes (an aligned write never shares a sector with another).
+        Serialised with every other write while it runs, so no write (unaligned, or an
+        aligned one covering the same sectors) can land between its read and its write
+        and be undone by it.
         """
         start = off - off % SECTOR
         stop = min(self.device.size, -(-(off + len(buf)) // SECTOR) * SECTOR)
-        async with self._rmw_lock:
-            block = bytearray(await self.device.pread(start, stop - start))
-            block[off - start : off - start + len(buf)] = buf
-            await self.device.pwrite(start, bytes(block))
+        self._rmw_active += 1
+        try:
+            async with self._rmw_lock:
+                block = bytearray(await self.device.pread(start, stop - start))
+                block[off - start : off - start + len(buf)] = buf
+                await self.device.pwrite(start, bytes(block))
+        finally:
+            self._rmw_active -= 1
         self.counters.unaligned_writes += 1
 
     @_errno_boundary
@@ -350,15 +360,24 @@ class ImageFS(pyfuse3.Operations):
         await self._flush_device()
 
     async def _flush_device(self) -> None:
-        if self.device.read_only or not self._dirty:
+        """Flush the device if anything was written since the last completed flush.
+
+        Serialised: an fsync that finds a flush in flight waits for it instead of
+        returning early on the already-cleared dirty flag (its data may not be durable
+        until that flush completes).
+        """
+        if self.device.read_only:
             return
-        self._dirty = False
-        try:
-            await self.device.flush()
-        except BaseException:
-            self._dirty = True
-            raise
-        self.counters.flushes += 1
+        async with self._flush_lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+            try:
+                await self.device.flush()
+            except BaseException:
+                self._dirty = True
+                raise
+            self.counters.flushes += 1
 
     async def release(self, fh: int) -> None:
         if fh in (_IMAGE_FH_RO, _IMAGE_FH_RW):

@@ -18,6 +18,7 @@ from obdfuse.errors import ObdfuseError
 
 FUSE_DEVICE = "/dev/fuse"
 FSTYPE = "fuse.obdfuse"  # what /proc/self/mountinfo shows for our mounts (subtype=obdfuse)
+UNMOUNT_TIMEOUT = 30.0  # seconds fusermount3 may take before it is considered hung
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -85,14 +86,26 @@ def check_mountpoint(path: str | os.PathLike[str]) -> Path:
     return mountpoint
 
 
-def fuse_unmount(path: str | os.PathLike[str], *, lazy: bool = False) -> None:
-    """Unmount a FUSE mount with fusermount3 (works for root and for the mount's owner)."""
+def fuse_unmount(
+    path: str | os.PathLike[str], *, lazy: bool = False, timeout: float = UNMOUNT_TIMEOUT
+) -> None:
+    """Unmount a FUSE mount with fusermount3 (works for root and for the mount's owner).
+
+    fusermount3 looks at the mount point, which blocks while a hung daemon does not
+    answer: after `timeout` seconds it is killed and ObdfuseError suggests --lazy.
+    """
     mountpoint = os.path.abspath(path)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise ObdfuseError("fusermount3 not found (install the fuse3 package)")
     cmd = [tool, "-u", *(["-z"] if lazy else []), mountpoint]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ObdfuseError(
+            f"cannot unmount {mountpoint}: {os.path.basename(tool)} did not finish within "
+            f"{timeout:g} s (is its daemon hung?); try: obdfuse umount --lazy {mountpoint}"
+        ) from None
     if proc.returncode == 0:
         return
     reason = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]

@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from obdfuse.fileio import atomic_output
+
 
 def run_dir() -> Path:
     """The directory holding mount records and background daemons' logs."""
@@ -36,6 +38,7 @@ def _key(mountpoint: str | os.PathLike[str]) -> str:
 
 
 def record_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """The record file of the mount at `mountpoint`."""
     return run_dir() / f"{_key(mountpoint)}.json"
 
 
@@ -68,6 +71,7 @@ class MountRecord:
 
     @classmethod
     def for_this_process(cls, mountpoint: str, image: str, log_file: str | None) -> MountRecord:
+        """The record describing the calling process as the daemon of `mountpoint`."""
         pid = os.getpid()
         return cls(pid, process_start_time(pid) or 0, mountpoint, image, log_file)
 
@@ -86,15 +90,16 @@ class MountRecord:
 
 
 def write_record(record: MountRecord) -> Path:
+    """Publish `record` (replaced atomically); returns its path."""
     path = record_path(record.mountpoint)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(record)) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        f.write((json.dumps(asdict(record)) + "\n").encode())
     return path
 
 
 def read_record(mountpoint: str | os.PathLike[str]) -> MountRecord | None:
+    """The record of the mount at `mountpoint`, or None if there is none (or it is garbled)."""
     try:
         data = json.loads(record_path(mountpoint).read_text())
         return MountRecord(**data)

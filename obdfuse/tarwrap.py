@@ -39,6 +39,7 @@ _MAGIC = (257, 6)
 _VERSION = (263, 2)
 _UNAME = (265, 32)
 _GNAME = (297, 32)
+_OCTAL_DIGITS = b"01234567"
 
 
 def _field(block: bytes | memoryview, f: tuple[int, int]) -> bytes:
@@ -77,10 +78,9 @@ def parse_number(field: bytes, *, what: str) -> int:
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise FormatError(f"{what} {field!r} is not an octal number") from None
+    if text.strip(_OCTAL_DIGITS):  # int() would also take a sign, "_" or inner spaces
+        raise FormatError(f"{what} {field!r} is not an octal number")
+    return int(text, 8)
 
 
 def parse_pax_records(data: bytes) -> dict[str, str]:
@@ -138,12 +138,14 @@ def parse_wrapper(head: bytes) -> tuple[int, int] | None:
     return PAX_PAYLOAD_OFFSET, size
 
 
-async def unwrap_tar(blob: Blob) -> Blob:
-    """The payload of a tar-wrapped blob as a SliceBlob, or `blob` itself if not a tar."""
-    head = await blob.pread(0, HEAD_SIZE)
+def payload_slice(blob: Blob, head: bytes) -> SliceBlob | None:
+    """The payload of `blob` if it is tar-wrapped (`head`: its first HEAD_SIZE bytes), else None.
+
+    Raises FormatError if the wrapper announces more payload than the blob holds.
+    """
     found = parse_wrapper(head)
     if found is None:
-        return blob
+        return None
     offset, size = found
     if offset + size > blob.size:
         raise FormatError(
@@ -151,6 +153,12 @@ async def unwrap_tar(blob: Blob) -> Blob:
             f"blob ({blob.size} bytes; truncated?)"
         )
     return SliceBlob(blob, offset, size, name=blob.name)
+
+
+async def unwrap_tar(blob: Blob) -> Blob:
+    """The payload of a tar-wrapped blob as a SliceBlob, or `blob` itself if not a tar."""
+    payload = payload_slice(blob, await blob.pread(0, HEAD_SIZE))
+    return blob if payload is None else payload
 
 
 # --- writer ---------------------------------------------------------------------------------
@@ -260,6 +268,7 @@ __all__ = [
     "build_trailer",
     "is_tar_header",
     "parse_wrapper",
+    "payload_slice",
     "unwrap_tar",
     "wrapped_size",
     "write_wrapped",

@@ -133,3 +133,82 @@ def test_image_handles_need_no_state_so_a_new_process_can_serve_them(tmp_path):
         assert err.value.errno == errno.EBADF
 
     trio.run(go)
+
+
+class SlowFlushDevice(FailingDevice):
+    """A writable device whose flush takes a while (e.g. fdatasync in a worker thread)."""
+
+    read_only = False
+
+    def __init__(self) -> None:
+        super().__init__(OSError(errno.EIO, "unused"))
+        self.durable = False
+        self.flushes = 0
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        self.durable = False
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        await trio.sleep(0.05)
+        self.durable = True
+
+
+def test_an_fsync_never_returns_before_the_flush_in_flight_is_done():
+    device = SlowFlushDevice()
+    fs = ImageFS(device)
+    seen: list[bool] = []
+
+    async def fsync() -> None:
+        await fs.fsync(IMAGE_INODE, False)
+        seen.append(device.durable)  # every returned fsync must find the data durable
+
+    async def go() -> None:
+        info = await fs.open(IMAGE_INODE, os.O_RDWR, None)
+        await fs.write(info.fh, 0, b"x" * 512)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fsync)
+            await trio.sleep(0.01)  # the second fsync arrives while the first one flushes
+            nursery.start_soon(fsync)
+        await fs.release(info.fh)
+
+    trio.run(go)
+    assert seen == [True, True]
+    assert device.flushes == 1  # the second fsync had nothing new to flush
+
+
+class SlowReadMemoryDevice(FailingDevice):
+    """A writable in-memory disk whose reads yield to other tasks (like a thread or network)."""
+
+    read_only = False
+
+    def __init__(self) -> None:
+        super().__init__(OSError(errno.EIO, "unused"))
+        self.disk = bytearray(self.size)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        data = bytes(self.disk[offset : offset + length])
+        await trio.sleep(0.02)
+        return data
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        assert offset % 512 == 0 and len(data) % 512 == 0
+        self.disk[offset : offset + len(data)] = data
+
+
+def test_an_aligned_write_is_not_undone_by_a_concurrent_read_modify_write():
+    device = SlowReadMemoryDevice()
+    fs = ImageFS(device)
+
+    async def go() -> None:
+        info = await fs.open(IMAGE_INODE, os.O_RDWR, None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.write, info.fh, 10, b"u" * 10)  # RMW of sector 0
+            await trio.sleep(0.005)  # ... which is now waiting for its read
+            nursery.start_soon(fs.write, info.fh, 0, b"w" * 512)  # all of sector 0
+        await fs.release(info.fh)
+
+    trio.run(go)
+    sector = bytes(device.disk[:512])
+    # Either order is fine; a mix with the sector's old bytes (zeros) is not.
+    assert sector in (b"w" * 512, b"w" * 10 + b"u" * 10 + b"w" * 492), sector[:32]

@@ -14,15 +14,6 @@ KNOWN_FAILURES: dict[str, str] = {}
 
 # Tests that skip (libiscsi counts them as passes; we do not), by reason.
 _SKIP_REASONS = {
-    "persistent reservations (PR IN/OUT) are not implemented": [
-        "PrinReadKeys.Simple", "PrinReadKeys.Truncate", "PrinServiceactionRange.Range",
-        "PrinReportCapabilities.Simple", "ProutRegister.Simple", "ProutClear.Simple",
-        "ProutPreempt.RemoveRegistration",
-        *(f"ProutReserve.{t}" for t in (
-            "Simple", "AccessEA", "AccessWE", "AccessEARO", "AccessWERO", "AccessEAAR",
-            "AccessWEAR", "OwnershipEA", "OwnershipWE", "OwnershipEARO", "OwnershipWERO",
-            "OwnershipEAAR", "OwnershipWEAR")),
-    ],
     "EXTENDED COPY / RECEIVE COPY RESULTS are not implemented": [
         *(f"ExtendedCopy.{t}" for t in ("Simple", "ParamHdr", "DescrLimits", "DescrType",
                                          "ValidTgtDescr", "ValidSegDescr")),
@@ -43,12 +34,7 @@ _SKIP_REASONS = {
         f"WriteAtomic16.{t}" for t in ("Simple", "BeyondEol", "ZeroBlocks", "WriteProtect",
                                         "DpoFua", "VPD")
     ],
-    "READ DEFECT DATA is not implemented (no defect lists on a virtual disk)": [
-        "ReadDefectData10.Simple", "ReadDefectData12.Simple",
-    ],
     "needs a read-only LU (covered by test_read_only_lun_subset)": ["ReadOnly.ReadOnlySBC"],
-    "libiscsi reads INVALID FIELD IN CDB for a 'one command' query of an opcode "
-    "without service actions as 'not implemented'": ["ReportSupportedOpcodes.OneCommand"],
     "need more than one logical block per physical block (we report LBPPBE 0, "
     "see docs/benchmarks.md)": [
         "CompareAndWrite.InvalidDataOutSize", "WriteSame10.UnmapUnaligned",
@@ -114,3 +100,15 @@ def test_conformance_writes_on_an_image_upper(tmp_path, samples):
                                       "SCSI.CompareAndWrite,SCSI.GetLBAStatus")
     assert res.total >= 25
     assert res.failed == 0, res.failures
+
+
+def test_multipath_two_sessions_to_one_lu(tmp_path):
+    """A second URL makes libiscsi open two sessions and run MultipathIO (and the
+    two-nexus variants of other tests) through both."""
+    disk = _sparse(tmp_path / "mp.img", 16 << 20)
+    with ObdfuseTarget("--raw", "--writable", str(disk)) as target:
+        res = run_test_cu(target.url, "SCSI.MultipathIO,SCSI.Reserve6,SCSI.CompareAndWrite",
+                          second_url=target.url)
+    assert res.failed == 0, res.failures
+    assert not [name for name in res.skips if name.startswith("MultipathIO.")], res.skips
+    assert res.total >= 15

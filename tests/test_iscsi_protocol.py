@@ -15,6 +15,7 @@ from obdfuse.iscsi import pdu as W
 from obdfuse.iscsi.login import ChapCredentials, LoginFailed, LoginStage, chap_response
 from obdfuse.iscsi.params import SessionParams, encode_text, negotiate, parse_text
 from obdfuse.iscsi.scsi import LogicalUnit
+from obdfuse.iscsi.sense import ScsiError
 from obdfuse.iscsi.session import Connection, TargetConfig
 
 IQN = "iqn.2024-01.io.obdfuse:unit"
@@ -441,8 +442,8 @@ def test_abort_task_and_lun_reset_unit_attention(lu):
     assert status_of(ua) == 2 and ua.data[2 + 2] & 0x0F == 0x06 and ua.data[2 + 12] == 0x29
     [ok] = other.feed(other.command(bytes(6)))
     assert status_of(ok) == 0
-    [ok] = s.feed(s.command(bytes(6)))  # the nexus that reset gets no UA
-    assert status_of(ok) == 0
+    [ua] = s.feed(s.command(bytes(6)))  # every nexus sees it, the requester's too
+    assert status_of(ua) == 2 and ua.data[2 + 12] == 0x29
 
 
 def test_logout_closes(lu):
@@ -468,3 +469,52 @@ def test_corrupt_data_gives_medium_error(tmp_path):
     sense = f.data[2:]
     assert sense[2] & 0x0F == 0x03 and sense[12] == 0x11  # MEDIUM ERROR, unrecovered read
     trio.run(dev.aclose)
+
+
+def test_abort_of_a_running_task_answers_after_it_stops(lu):
+    s = Session(lu)
+    cmd = s.command(read10(0, 8), edtl=4096, read=True)
+    [task] = s.conn.receive_data(wire(cmd))  # handed to the driver, not finished yet
+    s.conn.receive_data(wire(W.TaskManagementRequest(
+        itt=90, function=1, lun=0, ref_itt=cmd.itt, cmdsn=s.cmdsn, exp_statsn=0,
+        ref_cmdsn=cmd.cmdsn, immediate=True)))
+    assert s.conn.data_to_send() == []  # no answer while the task may still run
+    s.conn.complete(task, None)  # the driver skipped it (or finished it)
+    s.reader.feed(b"".join(bytes(p) for p in s.conn.data_to_send()))
+    frame = s.reader.next_frame()
+    assert frame.opcode == W.Op.TMF_RSP and frame.bhs[2] == 0
+    assert s.reader.next_frame() is None  # and no SCSI response for the aborted task
+
+
+# ------------------------------------------------------------------ persistent reservations
+
+
+def pr_params(key: int, sa_key: int = 0) -> bytes:
+    return key.to_bytes(8, "big") + sa_key.to_bytes(8, "big") + bytes(8)
+
+
+def test_persistent_reservation_rules():
+    from obdfuse.iscsi.reservations import Conflict, PersistentReservations
+
+    pr = PersistentReservations()
+    a, b = "iqn.a,i,0x01#1", "iqn.b,i,0x02#2"
+    pr.out(a, 0, 0, pr_params(0, 0xA))  # REGISTER
+    pr.out(b, 6, 0, pr_params(0, 0xB))  # REGISTER AND IGNORE EXISTING KEY
+    with pytest.raises(Conflict):
+        pr.out(b, 1, 1, pr_params(0xBAD))  # RESERVE with the wrong key
+    pr.out(a, 1, 1, pr_params(0xA))  # a: WRITE EXCLUSIVE
+    assert pr.conflicts(b, writes=True) and not pr.conflicts(b, writes=False)
+    assert not pr.conflicts(a, writes=True)
+    assert pr.read_reservation()[8:16] == (0xA).to_bytes(8, "big")
+    # the same nexus after session reinstatement (new TSIH) is still the holder
+    assert not pr.conflicts("iqn.a,i,0x01#9", writes=True)
+    with pytest.raises(Conflict):
+        pr.out(b, 1, 3, pr_params(0xB))  # b cannot reserve over a
+    pr.out(b, 4, 3, pr_params(0xB, 0xA))  # b preempts a: EXCLUSIVE ACCESS
+    assert "iqn.a,i,0x01" not in pr.keys
+    assert pr.conflicts(a, writes=False)
+    assert ("iqn.a,i,0x01", (0x2A, 0x05)) in pr.notices
+    pr.out(b, 3, 0, pr_params(0xB))  # CLEAR
+    assert pr.reservation is None and not pr.keys
+    with pytest.raises(ScsiError):
+        pr.out(a, 0, 0, pr_params(0, 1)[:20])  # parameter list length error

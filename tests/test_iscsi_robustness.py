@@ -236,10 +236,14 @@ def test_connection_flood_stays_bounded(target):
             break
     time.sleep(0.5)
     grown = target.rss_kib() - before
+    # A real initiator gets in while the flood is still connected: idle logins are
+    # evicted oldest-first instead of holding every slot until their deadline.
+    t0 = time.monotonic()
+    still_serving(target)
+    assert time.monotonic() - t0 < 5
     for s in socks:
         s.close()
     assert grown < 64 * 1024
-    time.sleep(0.3)
     still_serving(target)
 
 

@@ -227,3 +227,26 @@ def test_merge_flattens_a_stack(tmp_path):
         assert f.read(40)[32] == 0x13  # ZFile header not overwritten, as overlaybd-merge
     obdfuse("dump", tmp_path / "merged", tmp_path / "flat.img")
     assert (tmp_path / "flat.img").read_bytes() == model
+
+
+def test_a_failed_dump_leaves_the_old_output_and_no_partial_image(samples, tmp_path):
+    """A layer whose data is corrupt fails the dump; OUT keeps what it held before."""
+    layer = tmp_path / "corrupt.zfile"
+    raw = bytearray((samples / "layers" / "l1.commit.lz4.zfile").read_bytes())
+    raw[100_000:100_064] = bytes(b ^ 0xFF for b in raw[100_000:100_064])  # inside the blocks
+    layer.write_bytes(raw)
+    out = tmp_path / "disk.img"
+    out.write_bytes(b"previous image")
+    proc = obdfuse("dump", layer, out, ok=False)
+    assert_clean_error(proc, "corrupt.zfile", "ZFile block")
+    assert out.read_bytes() == b"previous image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.zfile", "disk.img"]
+
+
+def test_dump_refuses_a_target_that_is_not_a_regular_file(samples, tmp_path):
+    proc = obdfuse("dump", samples / "layers" / "l1.commit", tmp_path, ok=False)
+    assert_clean_error(proc)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    proc = obdfuse("dump", samples / "layers" / "l1.commit", fifo, ok=False)
+    assert_clean_error(proc, "not a regular file")

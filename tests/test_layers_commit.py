@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import numpy as np
 import pytest
 import trio
 
 from obdfuse.blob import FileBlob
+from obdfuse.errors import FormatError
 from obdfuse.layers.commit import CommitOptions, commit_layer
 from obdfuse.layers.header import LsmtHeader
 from obdfuse.layers.sealed import open_layer
@@ -160,3 +162,74 @@ def test_empty_layer_commits_to_a_valid_empty_layer(tmp_path):
     layer = trio.run(open_layer, FileBlob(tmp_path / "out"))
     assert len(layer.segments) == 0
     rw.close()
+
+
+def test_a_short_read_from_the_source_fails_the_commit_and_leaves_no_output(tmp_path):
+    """A source returning fewer bytes than asked must not shift data under the index."""
+    rw = WritableLayer.create(tmp_path / "d", tmp_path / "i", MIB)
+    rw.write(0, b"a" * 8192)
+    rw.write(65536, b"b" * 4096)
+
+    class ShortSource:
+        virtual_size = rw.virtual_size
+        uuid = rw.uuid
+        parent_uuid = rw.parent_uuid
+
+        def commit_segments(self):
+            return rw.commit_segments()
+
+        async def read_tagged(self, tag, moffset, count):
+            return (await rw.read_tagged(tag, moffset, count))[:-512]
+
+    with pytest.raises(FormatError, match="returned 11776 of 12288 bytes"):
+        trio.run(commit_layer, ShortSource(), tmp_path / "out", CommitOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "i"]
+    rw.close()
+
+
+def test_a_failed_zfile_commit_stops_its_compression_threads(tmp_path):
+    rw = WritableLayer.create(tmp_path / "d", tmp_path / "i", 8 * MIB)
+    rw.write(4 * MIB, b"late" * 1024)  # data file order differs from logical order:
+    rw.write(0, random.randbytes(MIB))  # two separate reads when committing
+
+    class FailingSource:
+        virtual_size = rw.virtual_size
+        uuid = rw.uuid
+        parent_uuid = rw.parent_uuid
+        reads = 0
+
+        def commit_segments(self):
+            return rw.commit_segments()
+
+        async def read_tagged(self, tag, moffset, count):
+            self.reads += 1
+            if self.reads == 2:
+                raise OSError(5, "Input/output error")
+            return await rw.read_tagged(tag, moffset, count)
+
+    source = FailingSource()
+    with pytest.raises(OSError, match="Input/output"):
+        trio.run(commit_layer, source, tmp_path / "out", CommitOptions(zfile=True))
+    assert source.reads == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("zfile-compress")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "i"]
+    rw.close()
+
+
+def test_an_unencodable_mapping_fails_the_commit_instead_of_corrupting_the_index(tmp_path):
+    """A 14-bit length field cannot hold 16384 sectors: encoding it would wrap to 0."""
+    from obdfuse.layers.segment import make_segments
+
+    class HugeZeroedSource:
+        virtual_size = 64 * MIB
+        uuid = parent_uuid = ""
+
+        def commit_segments(self):
+            return make_segments([0], [MAX_LENGTH + 1], [0], zeroed=[True])
+
+        async def read_tagged(self, tag, moffset, count):
+            raise AssertionError("zeroed mappings have no data to read")
+
+    with pytest.raises(ValueError, match="out of range"):
+        trio.run(commit_layer, HugeZeroedSource(), tmp_path / "out", CommitOptions())
+    assert not (tmp_path / "out").exists()

@@ -116,3 +116,28 @@ def test_new_upper_takes_the_lowers_size_and_parent(samples, tmp_path):
             await open_image(samples / "layers" / "l1.commit", upper=tmp_path / "up", size=2 << 30)
 
     trio.run(go)
+
+
+def test_an_unwritable_result_file_does_not_hide_the_real_error(tmp_path, caplog):
+    cfg = tmp_path / "config.v1.json"
+    write_config(cfg, {"lowers": [{"file": "gone.commit"}], "resultFile": "no/such/dir/result"})
+    with pytest.raises(FormatError, match=r"lowers\[0\] has no local file"):
+        trio.run(open_image, cfg)
+    assert "cannot write resultFile" in caplog.text
+
+
+def test_result_file_is_replaced_whole(tmp_path, samples):
+    cfg = tmp_path / "config.v1.json"
+    result = tmp_path / "result"
+    result.write_text("failed:an older, much longer message than the next result")
+    write_config(
+        cfg, {"lowers": [{"file": str(samples / "layers" / "l1.commit")}], "resultFile": "result"}
+    )
+    trio.run(_open_and_close, cfg)
+    assert result.read_text() == "success"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.v1.json", "result"]
+
+
+async def _open_and_close(cfg):
+    stack = await open_image(cfg)
+    await stack.aclose()

@@ -113,6 +113,12 @@ def test_rejects_segment_past_virtual_size():
         open_bytes(sealed_bytes([(2040, 16, 8, False)], vsize=2048 * 512 - 512))
 
 
+def test_rejects_a_virtual_size_no_lsmt_can_address():
+    """A huge virtual size would overflow st_size (int64) and every consumer after it."""
+    with pytest.raises(FormatError, match=r"header at 0: virtual size 18446744073709551615 exc"):
+        open_bytes(sealed_bytes([(0, 8, 8, False)], vsize=(1 << 64) - 1))
+
+
 def test_rejects_wrong_magic():
     raw = bytearray(sealed_bytes([(0, 8, 8, False)]))
     raw[0] ^= 0xFF

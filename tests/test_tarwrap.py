@@ -186,3 +186,15 @@ def test_short_source_is_an_error() -> None:
 def test_unwrap_passes_other_blobs_through() -> None:
     blob = BytesBlob(b"just bytes")
     assert trio.run(unwrap_tar, blob) is blob
+
+
+@pytest.mark.parametrize("size_field", [b"-1", b"+17", b"1_0", b"1 0", b"9"])
+def test_size_fields_must_be_plain_octal(size_field: bytes) -> None:
+    """int(x, 8) also takes signs, underscores and inner spaces; a tar field does not."""
+    head = bytearray(build_header(1000))
+    file_header = bytearray(head[1024:1536])
+    file_header[124:136] = size_field.rjust(11, b" ") + b" "
+    file_header[156:157] = b"0"
+    file_header[148:156] = b"%6o \0" % _checksum(bytes(file_header))
+    with pytest.raises(FormatError, match="is not an octal number"):
+        parse_wrapper(bytes(file_header) + bytes(1536))

@@ -62,15 +62,16 @@ FILES = {"plain": _plain, "overwritten": _overwritten, "tar": _wrapped_buf.getva
         st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=4
     ),
     truncate=st.one_of(st.none(), st.integers(1, 3000)),
+    chunk=st.sampled_from([1 << 20, 4096, 1000]),  # multi-block runs, one block, cached block
 )
-def test_corruption_never_returns_wrong_bytes(which, flips, truncate) -> None:
+def test_corruption_never_returns_wrong_bytes(which, flips, truncate, chunk) -> None:
     buf = bytearray(FILES[which])
     for where, xor in flips:
         buf[int(where * len(buf))] ^= xor
     if truncate is not None:
         del buf[-truncate:]
     try:
-        out = read_all(bytes(buf))
+        out = read_all(bytes(buf), chunk=chunk)
     except ObdfuseError:
         return
     assert out == ORIGINAL

@@ -44,7 +44,7 @@ def _common(fn):
         click.option(
             "--cache-dir",
             type=click.Path(path_type=Path),
-            help="Where the base layer is cached [default: ~/.cache/obdfuse].",
+            help="Where the base layer is cached [default: /var/cache/obdfuse, as for mount].",
         ),
         click.option(
             "--work-dir",
@@ -76,6 +76,13 @@ def _common(fn):
             "--docker-media-types",
             is_flag=True,
             help="Docker schema2 manifest/config/layer media types instead of OCI.",
+        ),
+        click.option(
+            "--registry-timeout",
+            type=click.FloatRange(min=0.1),
+            default=60.0,
+            show_default=True,
+            help="Seconds of retrying before a registry request fails.",
         ),
         click.option("--verbose", "-v", is_flag=True, help="Log each step with its timing."),
         click.option(
@@ -112,7 +119,9 @@ def _options(kw: dict):
         work_dir=kw["work_dir"],
         keep_work=kw["keep_work"],
         platform=Platform.parse(kw["platform"]) if kw["platform"] else None,
-        registry=RegistrySettings(creds=kw["creds"], plain_http=kw["plain_http"]),
+        registry=RegistrySettings(
+            creds=kw["creds"], plain_http=kw["plain_http"], timeout=kw["registry_timeout"]
+        ),
         docker_media_types=kw["docker_media_types"],
         progress=Progress(kw["progress"]),
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from obdfuse.cli.params import SIZE
-from obdfuse.errors import ObdfuseError
+from obdfuse.cli.registry_opts import registry_options, remote_cache_options, remote_options_from
 
 
 def parse_chap(text: str | None, option: str) -> tuple[str, str] | None:
@@ -47,10 +47,18 @@ def iscsi() -> None:
               help="Local cache for remote layers.")
 @click.option("--raw", is_flag=True, help="IMAGE is a plain raw disk file.")
 @click.option("--writable", is_flag=True, help="With --raw: allow writes to the file.")
+@remote_cache_options
+@registry_options
 def serve(image: str, listen: str, iqn: str | None, chap_text: str | None,
           mutual_text: str | None, upper: Path | None, size: int | None,
-          cache_dir: Path | None, raw: bool, writable: bool) -> None:
-    """Serve IMAGE as LUN 0 over iSCSI until interrupted."""
+          cache_dir: Path | None, raw: bool, writable: bool, **remote_kw) -> None:
+    """Serve IMAGE as LUN 0 over iSCSI until interrupted.
+
+    IMAGE is a config.v1.json, a layer file, an image reference in a registry
+    (read lazily through the cache, like `obdfuse mount`), or with --raw a disk file.
+    """
+    import os
+
     import trio
 
     from obdfuse.iscsi.login import ChapCredentials
@@ -76,40 +84,41 @@ def serve(image: str, listen: str, iqn: str | None, chap_text: str | None,
     if writable and not raw:
         raise click.BadParameter("--writable is for --raw; use --upper for images",
                                  param_hint="--writable")
+    local = raw or os.path.exists(image)
+    remote = None if local else remote_options_from({**remote_kw, "cache_dir": cache_dir})
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="obdfuse: %(message)s")
     trio.run(_serve, image, listen, iqn or DEFAULT_IQN, chap, raw, writable, upper, size,
-             cache_dir)
+             cache_dir, remote)
 
 
 async def _open_device(image: str, raw: bool, writable: bool, upper: Path | None,
-                       size: int | None, cache_dir: Path | None):
+                       size: int | None, cache_dir: Path | None, remote=None):
     if raw:
         from obdfuse.device import RawFileDevice
 
         return RawFileDevice(image, read_only=not writable)
-    try:
-        from obdfuse.image import open_image
-    except ImportError as exc:
-        raise ObdfuseError("image support is not available in this build; "
-                           "serve a raw disk file with --raw") from exc
-    return await open_image(image, upper=upper, size=size, cache_dir=cache_dir)
+    from obdfuse.image import open_image
+
+    return await open_image(image, upper=upper, size=size, cache_dir=cache_dir, remote=remote)
 
 
-async def _serve(image, listen, iqn, chap, raw, writable, upper, size, cache_dir) -> None:
+async def _serve(image, listen, iqn, chap, raw, writable, upper, size, cache_dir,
+                 remote=None) -> None:
     import trio
 
     from obdfuse.iscsi.server import serve_iscsi
 
-    device = await _open_device(image, raw, writable, upper, size, cache_dir)
+    device = await _open_device(image, raw, writable, upper, size, cache_dir, remote)
     try:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_iscsi, device, listen, iqn, chap)
-            mode = "read-only" if device.read_only else "writable"
-            host = listen.rsplit(":", 1)[0] or "127.0.0.1"
-            click.echo(f"obdfuse: serving {image} ({mode}, {device.size} bytes) as "
-                       f"iscsi://{host}:{port}/{iqn}/0", err=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Signals are caught before the port opens: a supervisor may stop us at once.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(serve_iscsi, device, listen, iqn, chap)
+                mode = "read-only" if device.read_only else "writable"
+                host = listen.rsplit(":", 1)[0] or "127.0.0.1"
+                click.echo(f"obdfuse: serving {image} ({mode}, {device.size} bytes) as "
+                           f"iscsi://{host}:{port}/{iqn}/0", err=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import trio
 
 from obdfuse.cli.params import SIZE
+
+if TYPE_CHECKING:
+    from obdfuse.layers.header import LsmtHeader
 
 _PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -153,10 +157,8 @@ def info(as_json: bool, file: Path) -> None:
 
 async def describe_layer_file(path: Path) -> dict:
     """Facts about a sealed layer, or about a writable layer's data/index file."""
-    from obdfuse.blob import FileBlob
-    from obdfuse.errors import FormatError
+    from obdfuse.image import open_layer_file
     from obdfuse.layers.header import FLAG_SEALED, SLOT_SIZE, LsmtHeader, is_lsmt
-    from obdfuse.layers.sealed import open_layer
 
     with open(path, "rb") as f:
         head = f.read(SLOT_SIZE)
@@ -164,12 +166,7 @@ async def describe_layer_file(path: Path) -> dict:
         hdr = LsmtHeader.unpack(head, f"{path}: header")
         if not hdr.flags & FLAG_SEALED and not _has_sealed_trailer(path):
             return {"file": str(path), "kind": _rw_kind(hdr), **_header_facts(hdr)}
-    blob = FileBlob(path)
-    try:
-        layer = await open_layer(blob)
-    except FormatError:
-        blob.close()
-        raise
+    layer = await open_layer_file(path)  # closes the file itself if opening fails
     try:
         segs = layer.segments
         return {
@@ -198,13 +195,13 @@ def _has_sealed_trailer(path: Path) -> bool:
         return is_lsmt(f.read(64))
 
 
-def _rw_kind(hdr) -> str:
+def _rw_kind(hdr: LsmtHeader) -> str:
     if hdr.is_data:
         return "writable layer data file" + (" (sparse)" if hdr.is_sparse else "")
     return "writable layer index file"
 
 
-def _header_facts(hdr) -> dict:
+def _header_facts(hdr: LsmtHeader) -> dict[str, object]:
     return {
         "flags": f"{hdr.flags:#x}",
         "uuid": hdr.uuid,

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from obdfuse import runstate
+from obdfuse.cli.iscsi_opts import iscsi_export_options, iscsi_service_from
 from obdfuse.cli.params import SIZE
 from obdfuse.cli.registry_opts import registry_options, remote_cache_options, remote_options_from
 from obdfuse.daemon import (
@@ -38,6 +39,7 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
               help="Persistent cache of remote blobs [default: /var/cache/obdfuse].")
 @remote_cache_options
 @registry_options
+@iscsi_export_options
 @click.option("--foreground", "-f", is_flag=True,
               help="Stay attached (for a supervisor); logs go to stderr.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -82,6 +84,9 @@ def mount(
     prefetch_concurrency: int = 16,
     prefetch_request_size: int = 8 << 20,
     prefetch_window: int = 128 << 20,
+    iscsi_listen: str | None = None,
+    iscsi_iqn: str | None = None,
+    iscsi_chap: str | None = None,
     **remote_kw: Any,
 ) -> None:
     """Expose IMAGE (config.v1.json, layer file or image reference) as MOUNTPOINT/image.
@@ -93,6 +98,7 @@ def mount(
         raise click.UsageError("--raw cannot be combined with --upper/--size")
     if size is not None and upper is None:
         raise click.UsageError("--size sizes a new writable layer: it needs --upper DIR")
+    iscsi_service = iscsi_service_from(iscsi_listen, iscsi_iqn, iscsi_chap)
 
     # The daemon runs from /: make local paths absolute (image references stay as they are).
     if os.path.exists(image):
@@ -129,6 +135,8 @@ def mount(
         ready_timeout=timeout,
         log_file=None if foreground else str(log_path),
     )
+    if iscsi_service is not None:
+        settings.services.append(iscsi_service)
     if trace is not None:
         settings.services.append(trace.run)
         settings.stat_providers.append(trace.stats)

@@ -9,7 +9,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 import click
@@ -18,9 +17,9 @@ import trio
 from obdfuse.blob import FileBlob
 from obdfuse.cli.params import SIZE
 from obdfuse.errors import ObdfuseError
+from obdfuse.fileio import atomic_output
 from obdfuse.tarwrap import PAX_PAYLOAD_OFFSET, build_header, build_trailer, write_wrapped
 from obdfuse.zfile import ALGORITHMS, ZFileReader, ZFileWriter
-from obdfuse.zfile.format import ALGORITHM_NAMES
 from obdfuse.zfile.writer import can_rewrite
 
 COPY_CHUNK = 4 << 20
@@ -42,19 +41,8 @@ def _output(dst: str) -> Iterator[BinaryIO]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    target = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(dst) as f:
+        yield f
 
 
 def _input_stream(src: str) -> BinaryIO:
@@ -193,7 +181,7 @@ def describe(reader: ZFileReader) -> dict[str, object]:
     return {
         "file": reader.name,
         "tar_payload_offset": reader.blob_offset if reader.blob_offset else None,
-        "algorithm": ALGORITHM_NAMES.get(ht.algorithm, str(ht.algorithm)),
+        "algorithm": ht.algorithm_name,
         "block_size": ht.block_size,
         "checksums": ht.verify,
         "blocks": ht.index_size,

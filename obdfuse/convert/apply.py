@@ -46,10 +46,13 @@ OPAQUE_MARKER = ".wh..wh..opq"
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
+FILESYSTEM_OWNED = ("lost+found",)  # an opaque root keeps it (a layer never made it)
 MAX_EXTENDED_HEADER = 16 << 20  # PAX / GNU long-name headers tarfile would buffer
 MAX_SYMLINK_HOPS = 40
 COPY_CHUNK = 1 << 20
+SPARSE_BLOCK = 4096
 _ZERO_CHUNK = bytes(COPY_CHUNK)
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -418,6 +421,8 @@ class LayerApplier:
             raise UnsafeEntryError(f"{self.layer_name}: entry {member.name!r}: {exc}") from None
         except FormatError as exc:
             raise FormatError(f"{self.layer_name}: entry {member.name!r}: {exc}") from exc
+        except ApplyError as exc:
+            raise ApplyError(f"{self.layer_name}: entry {member.name!r}: {exc}") from None
         except (zlib.error, zstandard.ZstdError, EOFError, gzip.BadGzipFile) as exc:
             raise FormatError(
                 f"{self.layer_name}: entry {member.name!r}: corrupt compressed data: {exc}"
@@ -507,6 +512,8 @@ class LayerApplier:
         """Remove what lower layers put in this dir; keep (and descend into) this layer's."""
         for name in os.listdir(dfd):
             key = (*prefix, name)
+            if key == FILESYSTEM_OWNED:
+                continue  # belongs to the filesystem, not to any layer
             if key not in self._touched:
                 self._remove(dfd, name)
                 continue
@@ -592,14 +599,8 @@ class LayerApplier:
                 chunk = src.read(COPY_CHUNK)
                 if not chunk:
                     break
-                n = len(chunk)
-                if chunk == (_ZERO_CHUNK if n == COPY_CHUNK else bytes(n)):
-                    os.lseek(fd, n, os.SEEK_CUR)  # leave a hole: all-zero data reads back as zero
-                else:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                pos += n
+                write_sparse(fd, pos, chunk)
+                pos += len(chunk)
             if pos != member.size:
                 raise FormatError(f"data ends after {pos} of {member.size} bytes")
             if self.source is not None and not member.sparse:
@@ -662,6 +663,37 @@ class LayerApplier:
             finally:
                 os.close(fd)
         self._dir_times.clear()
+
+
+def write_sparse(fd: int, offset: int, data: bytes) -> None:
+    """pwrite `data` at `offset`, leaving holes where whole 4 KiB blocks are zero.
+
+    Holes read back as zeros, so the image keeps neither the zeros nor their blocks.
+    (The caller truncates the file to its full size at the end.)
+    """
+    n = len(data)
+    if data.find(_ZERO_BLOCK) < 0:  # the common case: no zero block at all
+        _pwrite_all(fd, memoryview(data), offset)
+        return
+    if n == COPY_CHUNK and data == _ZERO_CHUNK:
+        return
+    view = memoryview(data)
+    start = None  # start of the current run of data blocks
+    for pos in range(0, n, SPARSE_BLOCK):
+        zero = view[pos : pos + SPARSE_BLOCK] == _ZERO_BLOCK[: min(SPARSE_BLOCK, n - pos)]
+        if zero and start is not None:
+            _pwrite_all(fd, view[start:pos], offset + start)
+            start = None
+        elif not zero and start is None:
+            start = pos
+    if start is not None:
+        _pwrite_all(fd, view[start:], offset + start)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 def mtime_ns(member: tarfile.TarInfo) -> int:

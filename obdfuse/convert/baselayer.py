@@ -66,6 +66,9 @@ def mkfs_command(settings: LayerSettings) -> list[str]:
 
 
 def default_cache_dir() -> Path:
+    """/var/cache/obdfuse (shared with `obdfuse mount`) for root, else the XDG cache."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/obdfuse")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "obdfuse"
 

@@ -163,12 +163,12 @@ def _push(
     import trio
 
     from obdfuse.asyncio_bridge import run_in_asyncio
-    from obdfuse.registry.session import Registry, RegistryOptions
+    from obdfuse.registry.session import Registry
+
+    deadline = settings.timeout
 
     async def push() -> str:
-        registry = Registry.open(
-            destination, RegistryOptions(creds=settings.creds, plain_http=settings.plain_http)
-        )
+        registry = Registry.open(destination, settings.options())
         try:
             ref = registry.ref
             if ref.digest:
@@ -176,13 +176,15 @@ def _push(
             client = registry.client
             for layer, desc in zip(layers, descs, strict=True):
                 with progress.bar(f"upload {desc.digest[7:19]}", desc.size) as bar:
-                    upload = functools.partial(client.upload_blob, progress=bar.update)
+                    upload = functools.partial(
+                        client.upload_blob, progress=bar.update, deadline=deadline
+                    )
                     await run_in_asyncio(upload, ref.repository, layer.path, desc.digest, desc.size)
             with tempfile.NamedTemporaryFile() as tmp:
                 tmp.write(config)
                 tmp.flush()
                 await run_in_asyncio(
-                    client.upload_blob,
+                    functools.partial(client.upload_blob, deadline=deadline),
                     ref.repository,
                     Path(tmp.name),
                     digest_of(config),
@@ -194,6 +196,7 @@ def _push(
                 ref.tag or "latest",
                 manifest,
                 types.manifest,
+                deadline,
             )
         finally:
             await registry.aclose()

@@ -31,6 +31,7 @@ from obdfuse.convert.layerbuild import (
 )
 from obdfuse.convert.oci import Platform
 from obdfuse.convert.output import (
+    A_BLOB_DIGEST,
     DOCKER_TYPES,
     OCI_TYPES,
     PublishedImage,
@@ -42,6 +43,7 @@ from obdfuse.convert.progress import Progress
 from obdfuse.convert.source import RegistrySettings, open_source
 from obdfuse.convert.tardir import TreeTarStream
 from obdfuse.convert.workspace import Workspace, signals_raise
+from obdfuse.errors import ObdfuseError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,24 @@ class _CountingReader:
         self._inner.close()
 
 
+MAX_SOURCE_LAYERS = 254  # overlaybd stacks at most 255 layers (spec §3.8), one is the base
+
+
+def _check_source(source) -> None:
+    """Refuse sources that cannot become overlaybd images (too many layers, already one)."""
+    if len(source.layers) > MAX_SOURCE_LAYERS:
+        raise ObdfuseError(
+            f"{source.name} has {len(source.layers)} layers; an overlaybd image holds at most "
+            f"{MAX_SOURCE_LAYERS} besides the base layer"
+        )
+    for i, desc in enumerate(source.layers):
+        if A_BLOB_DIGEST in desc.annotations:
+            raise ObdfuseError(
+                f"{source.name} is already an overlaybd image (layer {i} carries overlaybd "
+                "annotations); mount it with `obdfuse mount` instead"
+            )
+
+
 def convert_image(source_ref: str, destination: str, options: ConvertOptions) -> ConvertResult:
     """Convert an OCI image (layout or registry) into an overlaybd image at `destination`."""
     progress = options.progress
@@ -103,6 +123,7 @@ def convert_image(source_ref: str, destination: str, options: ConvertOptions) ->
                 registry=options.registry,
                 progress=progress,
             )
+            _check_source(source)
             chains = chain_ids(source.diff_ids())
             lowers, built, stats = [base.path], [base], []
             total = len(source.layers)

@@ -7,6 +7,7 @@ never branch on it.
 
 from __future__ import annotations
 
+import os
 import sys
 from types import TracebackType
 from typing import TextIO
@@ -39,7 +40,8 @@ class _TqdmBar:
             unit_divisor=1024 if scale else 1000,
             file=stream,
             leave=True,
-            dynamic_ncols=True,
+            ncols=_size(stream).columns,
+            nrows=_size(stream).lines,
         )
 
     def update(self, n: int = 1) -> None:
@@ -58,6 +60,15 @@ class _TqdmBar:
         tb: TracebackType | None,
     ) -> None:
         self._bar.close()
+
+
+def _size(stream: TextIO) -> os.terminal_size:
+    """Size of the terminal behind `stream` (80x24 where it reports none, e.g. a new pty)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError):
+        return os.terminal_size((80, 24))
+    return os.terminal_size((size.columns or 80, size.lines or 24))
 
 
 class Progress:

@@ -37,6 +37,20 @@ class RegistrySettings:
 
     creds: str | None = None
     plain_http: bool | None = None
+    timeout: float = 60.0  # seconds of retrying before a registry request fails
+
+    def options(self, platform=None):
+        """RegistryOptions for obdfuse.registry (imported lazily)."""
+        from obdfuse.registry.blob import OutagePolicy
+        from obdfuse.registry.session import RegistryOptions
+
+        extra = {"platform": platform} if platform is not None else {}
+        return RegistryOptions(
+            creds=self.creds,
+            plain_http=self.plain_http,
+            policy=OutagePolicy("fail", self.timeout),
+            **extra,
+        )
 
 
 def open_source(
@@ -72,16 +86,12 @@ class _RegistrySource:
 
     def _open(self):
         from obdfuse.registry import manifest as mf
-        from obdfuse.registry.session import Registry, RegistryOptions
+        from obdfuse.registry.session import Registry
 
-        options = RegistryOptions(
-            creds=self.settings.creds,
-            plain_http=self.settings.plain_http,
-            platform=mf.Platform(
-                self.platform.os, self.platform.architecture, self.platform.variant or None
-            ),
+        platform = mf.Platform(
+            self.platform.os, self.platform.architecture, self.platform.variant or None
         )
-        return Registry.open(self.ref, options)
+        return Registry.open(self.ref, self.settings.options(platform))
 
     def resolve(self) -> SourceImage:
         import trio
@@ -146,7 +156,12 @@ class _RegistrySource:
                 while pos < desc.size:
                     n = min(DOWNLOAD_CHUNK, desc.size - pos)
                     got = await run_in_asyncio(
-                        registry.client.fetch_range, repo, desc.digest, pos, n, 120.0
+                        registry.client.fetch_range,
+                        repo,
+                        desc.digest,
+                        pos,
+                        n,
+                        self.settings.timeout,
                     )
                     data = got.data
                     if len(data) != n:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from obdfuse.convert.launcher import CliLauncher, LauncherUnavailable
 from obdfuse.errors import ObdfuseError
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ class Workspace:
         self.run_dir.mkdir()
         self.keep = keep
         self._undo: list[tuple[str, Callable[[], None]]] = []
+        self._launcher: CliLauncher | None = None
 
     @classmethod
     def adopt(cls, path: Path) -> Workspace:
@@ -217,6 +219,7 @@ class Workspace:
         ws.run_dir = path / "run"
         ws.keep = False
         ws._undo = []
+        ws._launcher = None
         return ws
 
     # -- generic undo stack
@@ -270,24 +273,31 @@ class Workspace:
         env["OBDFUSE_RUN_DIR"] = str(self.run_dir)
         return env
 
+    def _obdfuse(self, args: list[str], *, what: str) -> None:
+        """Run an `obdfuse` command: through the launcher if there is one, else a subprocess."""
+        env = self.obdfuse_env()
+        if self._launcher is None:
+            from obdfuse.convert.launcher import CliLauncher
+
+            self._launcher = CliLauncher().start(env)
+            self._undo.insert(0, ("launcher", self._launcher.close))  # needed until the end
+        try:
+            code, text = self._launcher.run(args, env)
+        except LauncherUnavailable:
+            run_tool([sys.executable, "-m", "obdfuse", *args], what=what, env=env)
+            return
+        if code != 0:
+            detail = text.strip().splitlines()
+            raise WorkspaceError(f"{what} failed: {detail[-1] if detail else f'exit {code}'}")
+
     def fuse_mount(self, image: Path, mountpoint: Path, *extra: str) -> Path:
         """`obdfuse mount [extra] IMAGE MOUNTPOINT` (a daemon); returns MOUNTPOINT/image."""
         mountpoint.mkdir(parents=True, exist_ok=True)
         self._push(f"fuse:{mountpoint}", lambda: self._fuse_unmount(mountpoint))
         log_file = mountpoint.with_name(mountpoint.name + ".log")
-        cmd = [
-            sys.executable,
-            "-m",
-            "obdfuse",
-            "mount",
-            *extra,
-            "--log-file",
-            str(log_file),
-            str(image),
-            str(mountpoint),
-        ]
+        args = ["mount", *extra, "--log-file", str(log_file), str(image), str(mountpoint)]
         try:
-            run_tool(cmd, what=f"obdfuse mount {image}", env=self.obdfuse_env())
+            self._obdfuse(args, what=f"obdfuse mount {image}")
         except WorkspaceError as exc:
             tail = _tail(log_file)
             raise WorkspaceError(f"{exc}{'; daemon log: ' + tail if tail else ''}") from None
@@ -297,9 +307,8 @@ class Workspace:
         self._release(f"fuse:{mountpoint}")
 
     def _fuse_unmount(self, mountpoint: Path) -> None:
-        cmd = [sys.executable, "-m", "obdfuse", "umount", str(mountpoint)]
         try:
-            run_tool(cmd, what=f"obdfuse umount {mountpoint}", env=self.obdfuse_env())
+            self._obdfuse(["umount", str(mountpoint)], what=f"obdfuse umount {mountpoint}")
             return
         except WorkspaceError as exc:
             if not is_mounted(mountpoint) and "not mounted" in str(exc):

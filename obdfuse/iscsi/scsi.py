@@ -18,6 +18,7 @@ import trio
 from obdfuse.device import BlockDevice
 from obdfuse.errors import CorruptDataError, RemoteError
 from obdfuse.iscsi import sense as S
+from obdfuse.iscsi.reservations import PersistentReservations, port_of
 from obdfuse.iscsi.sense import ScsiError, illegal
 
 log = logging.getLogger("obdfuse.iscsi")
@@ -58,7 +59,8 @@ _OPCODES: dict[int, tuple[int, str]] = {
     0x16: (6, "RESERVE(6)"), 0x17: (6, "RELEASE(6)"), 0x1A: (6, "MODE SENSE(6)"),
     0x1B: (6, "START STOP UNIT"), 0x25: (10, "READ CAPACITY(10)"), 0x28: (10, "READ(10)"),
     0x2A: (10, "WRITE(10)"), 0x2E: (10, "WRITE AND VERIFY(10)"), 0x2F: (10, "VERIFY(10)"),
-    0x34: (10, "PRE-FETCH(10)"), 0x35: (10, "SYNCHRONIZE CACHE(10)"),
+    0x34: (10, "PRE-FETCH(10)"), 0x37: (10, "READ DEFECT DATA(10)"),
+    0xB7: (12, "READ DEFECT DATA(12)"), 0x35: (10, "SYNCHRONIZE CACHE(10)"),
     0x41: (10, "WRITE SAME(10)"), 0x42: (10, "UNMAP"), 0x5A: (10, "MODE SENSE(10)"),
     0x88: (16, "READ(16)"), 0x89: (16, "COMPARE AND WRITE"), 0x8A: (16, "WRITE(16)"),
     0x8B: (16, "ORWRITE(16)"), 0x8E: (16, "WRITE AND VERIFY(16)"), 0x8F: (16, "VERIFY(16)"),
@@ -71,11 +73,16 @@ _SERVICE_ACTIONS: dict[tuple[int, int], tuple[int, str]] = {
     (0x9E, 0x10): (16, "READ CAPACITY(16)"),
     (0x9E, 0x12): (16, "GET LBA STATUS"),
     (0xA3, 0x0C): (12, "REPORT SUPPORTED OPERATION CODES"),
+    **{(0x5E, sa): (10, "PERSISTENT RESERVE IN") for sa in range(4)},
+    **{(0x5F, sa): (10, "PERSISTENT RESERVE OUT") for sa in range(7)},
 }
 _EXACT_DATA_OUT = {0x41, 0x93, 0x89}
 _WRITES = {0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E, 0x41, 0x93, 0x42, 0x89, 0x8B}
 # Commands allowed through a RESERVE(6) held by another nexus (SPC-2 §5.5.1).
 _RESERVATION_EXEMPT = {0x12, 0xA0, 0x03, 0x17, 0x25, 0x9E, 0xA3}
+# Commands a persistent reservation never blocks (SPC-4 §5.12.1, table 47).
+_PR_EXEMPT = {0x00, 0x03, 0x12, 0x1A, 0x5A, 0x25, 0x9E, 0xA0, 0xA3, 0x5E, 0x5F}
+_PR_WRITES = {0x35, 0x91, 0x15}  # besides _WRITES: cache flush, MODE SELECT
 # Commands that do not report a pending unit attention (SPC-4 §5.14).
 _UA_EXEMPT = {0x12, 0xA0, 0x03}
 
@@ -109,6 +116,7 @@ class LogicalUnit:
         self._nexus: dict[str, _NexusState] = {}
         self.thin = not device.read_only
         self._write_lock = trio.Lock()
+        self.pr = PersistentReservations()
         self._logged: set[str] = set()
 
     # ------------------------------------------------------------ nexus state
@@ -124,12 +132,12 @@ class LogicalUnit:
             self.reservation = None
 
     def reset(self, by: str, code: tuple[int, int] = S.LUN_RESET_OCCURRED) -> None:
-        """LOGICAL UNIT RESET (or a target reset): clear reservations, and raise a
-        unit attention for every other nexus."""
+        """LOGICAL UNIT RESET (or a target reset): clear RESERVE(6) reservations and
+        raise a unit attention for every I_T nexus, the requester's included (SAM-5
+        §7.7; multipath initiators look for it on every path)."""
         self.reservation = None
-        for key, st in self._nexus.items():
-            if key != by:
-                st.unit_attentions.append(code)
+        for st in self._nexus.values():
+            st.unit_attentions.append(code)
 
     def _pending_ua(self, nexus: str) -> tuple[int, int] | None:
         st = self._nexus.get(nexus)
@@ -162,6 +170,8 @@ class LogicalUnit:
                 return min(_be(cdb, 7, 9), 16 * MAX_UNMAP_DESCRIPTORS + 8)
             if op == 0x15:
                 return cdb[4]
+            if op == 0x5F:
+                return min(_be(cdb, 5, 9), 1024)
         except ScsiError:
             return 0
         return 0
@@ -183,6 +193,9 @@ class LogicalUnit:
                     raise ScsiError(S.UNIT_ATTENTION, ua)
             if (self.reservation is not None and self.reservation != nexus
                     and op not in _RESERVATION_EXEMPT):
+                return ScsiResult(S.RESERVATION_CONFLICT)
+            if op not in _PR_EXEMPT and self.pr.conflicts(
+                    nexus, writes=op in _WRITES or op in _PR_WRITES):
                 return ScsiResult(S.RESERVATION_CONFLICT)
             handler = _HANDLERS.get(op)
             if handler is None:
@@ -457,12 +470,24 @@ class LogicalUnit:
         await self.device.flush()
         return ScsiResult()
 
+    async def _read_defect_data(self, nexus, cdb, data) -> ScsiResult:
+        """A virtual disk has no defects: an empty list in the requested format."""
+        if cdb[0] == 0x37:
+            flags, alloc = cdb[2], _be(cdb, 7, 9)
+            out = bytes([0, flags & 0x1F, 0, 0])
+        else:
+            flags, alloc = cdb[1], _be(cdb, 6, 10)
+            out = bytes([0, flags & 0x1F, 0, 0, 0, 0, 0, 0])
+        return ScsiResult(data=_truncate(out, alloc))
+
     async def _start_stop(self, nexus, cdb, data) -> ScsiResult:
         return ScsiResult()
 
     async def _reserve(self, nexus, cdb, data) -> ScsiResult:
         if cdb[1] & 0x01:  # extent reservations are obsolete
             raise illegal()
+        if self.pr.reservation is not None:
+            return ScsiResult(S.RESERVATION_CONFLICT)
         if self.reservation not in (None, nexus):
             return ScsiResult(S.RESERVATION_CONFLICT)
         self.reservation = nexus
@@ -472,6 +497,31 @@ class LogicalUnit:
         if self.reservation == nexus:
             self.reservation = None
         return ScsiResult()
+
+    async def _pr_in(self, nexus, cdb, data) -> ScsiResult:
+        action = cdb[1] & 0x1F
+        out = {0: self.pr.read_keys, 1: self.pr.read_reservation,
+               2: self.pr.report_capabilities, 3: self.pr.read_full_status}.get(action)
+        if out is None:
+            raise illegal()
+        return ScsiResult(data=_truncate(out(), _be(cdb, 7, 9)))
+
+    async def _pr_out(self, nexus, cdb, data) -> ScsiResult:
+        if self.reservation is not None and self.reservation != nexus:
+            return ScsiResult(S.RESERVATION_CONFLICT)
+        plen = _be(cdb, 5, 9)
+        try:
+            self.pr.out(nexus, cdb[1] & 0x1F, cdb[2], bytes(data[:plen]))
+        finally:
+            self._deliver_pr_notices()
+        return ScsiResult()
+
+    def _deliver_pr_notices(self) -> None:
+        notices, self.pr.notices = self.pr.notices, []
+        for port, code in notices:
+            for key, st in self._nexus.items():
+                if port_of(key) == port:
+                    st.unit_attentions.append(code)
 
     async def _read_capacity10(self, nexus, cdb, data) -> ScsiResult:
         if cdb[8] & 0x01 == 0 and _be(cdb, 2, 6):  # LBA without PMI
@@ -705,16 +755,17 @@ class LogicalUnit:
                 out += n.to_bytes(2, "big") + timeouts
             out[0:4] = (len(out) - 4).to_bytes(4, "big")
             return ScsiResult(data=_truncate(out, alloc))
+        # The field pointer tells initiators this is a bad field, not a missing command.
         if options == 1:
             if any(op == req_op for op, _ in _SERVICE_ACTIONS):
-                raise illegal()
+                raise illegal(field=2)
             entry = _OPCODES.get(req_op)
         elif options == 2:
             if not any(op == req_op for op, _ in _SERVICE_ACTIONS):
-                raise illegal()
+                raise illegal(field=2)
             entry = _SERVICE_ACTIONS.get((req_op, req_sa))
         else:
-            raise illegal()
+            raise illegal(field=2)
         if entry is None:
             out = bytes([0, 0x01, 0, 0])  # not supported
         else:
@@ -742,6 +793,8 @@ def _bind() -> dict:
         0x5A: lu._mode_sense10, 0x89: lu._compare_and_write, 0x8B: lu._orwrite,
         0x8E: lu._write_verify, 0x8F: lu._verify, 0x90: lu._prefetch, 0x91: lu._sync_cache,
         0x93: lu._write_same, 0x9E: lu._service_action_in, 0xA0: lu._report_luns,
+        0x5E: lu._pr_in, 0x5F: lu._pr_out, 0x37: lu._read_defect_data,
+        0xB7: lu._read_defect_data,
         0xA3: lu._maintenance_in, 0xAE: lu._write_verify, 0xAF: lu._verify,
     }
     for op in (0x08, 0x28, 0xA8, 0x88):

@@ -49,6 +49,11 @@ class Sense:
     asc: int
     ascq: int
     information: int | None = None
+    field: int | None = None  # CDB byte an ILLEGAL REQUEST points at (sense-key specific)
+
+    def _sense_key_specific(self) -> bytes:
+        assert self.field is not None
+        return bytes([0x80 | 0x40]) + self.field.to_bytes(2, "big")  # SKSV, C/D = CDB
 
     def encode(self, descriptor: bool) -> bytes:
         """Fixed (70h) or descriptor (72h) format sense data."""
@@ -56,6 +61,8 @@ class Sense:
             body = b""
             if self.information is not None:
                 body = bytes([0x00, 0x0A, 0x80, 0]) + self.information.to_bytes(8, "big")
+            if self.field is not None:
+                body += bytes([0x02, 0x06, 0, 0]) + self._sense_key_specific() + b"\0"
             return bytes([0x72, self.key, self.asc, self.ascq, 0, 0, 0, len(body)]) + body
         out = bytearray(18)
         out[0] = 0x70
@@ -66,6 +73,8 @@ class Sense:
         out[7] = 10
         out[12] = self.asc
         out[13] = self.ascq
+        if self.field is not None:
+            out[15:18] = self._sense_key_specific()
         return bytes(out)
 
 
@@ -73,12 +82,13 @@ class ScsiError(Exception):
     """A command failed with CHECK CONDITION and this sense (or another status)."""
 
     def __init__(self, key: int, code: tuple[int, int], *, information: int | None = None,
-                 status: int = CHECK_CONDITION) -> None:
+                 status: int = CHECK_CONDITION, field: int | None = None) -> None:
         super().__init__(f"sense {key:x}/{code[0]:02x}/{code[1]:02x}")
-        self.sense = Sense(key, code[0], code[1], information)
+        self.sense = Sense(key, code[0], code[1], information, field)
         self.status = status
 
 
-def illegal(code: tuple[int, int] = INVALID_FIELD_IN_CDB) -> ScsiError:
-    """ILLEGAL REQUEST with the given ASC/ASCQ."""
-    return ScsiError(ILLEGAL_REQUEST, code)
+def illegal(code: tuple[int, int] = INVALID_FIELD_IN_CDB, *, field: int | None = None
+            ) -> ScsiError:
+    """ILLEGAL REQUEST with the given ASC/ASCQ (and the offending CDB byte, if known)."""
+    return ScsiError(ILLEGAL_REQUEST, code, field=field)

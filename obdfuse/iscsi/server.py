@@ -28,6 +28,7 @@ DEFAULT_PORT = 3260
 RECV_CHUNK = 1 << 20
 SMALL_RECV = 65536
 IOV_MAX = 1024
+SEND_BUFFER = 4 << 20
 LOGIN_TIMEOUT = 15.0
 LINGER_SECONDS = 1.0
 BATCH_QUEUE = 16
@@ -83,7 +84,9 @@ class IscsiServer:
         self.limits = limits or Limits()
         self._sessions = _Sessions()
         self._conn_count = 0
-        self._login_slots = trio.Semaphore(self.limits.max_logging_in)
+        # Connections still logging in, oldest first: a flood of idle connections is
+        # evicted oldest-first rather than locking real initiators out.
+        self._logging_in: dict[int, trio.CancelScope] = {}
         self.connections_served = 0
 
     async def serve(self, host: str, port: int, *,
@@ -95,8 +98,17 @@ class IscsiServer:
         task_status.started(bound)
         await trio.serve_listeners(self._handle, listeners)
 
+    def _evict_oldest_login(self) -> bool:
+        for key, scope in self._logging_in.items():
+            del self._logging_in[key]
+            scope.cancel()
+            return True
+        return False
+
     async def _handle(self, stream: trio.SocketStream) -> None:
-        if self._conn_count >= self.limits.max_connections:
+        if len(self._logging_in) >= self.limits.max_logging_in:
+            self._evict_oldest_login()
+        if self._conn_count >= self.limits.max_connections and not self._evict_oldest_login():
             await stream.aclose()
             return
         self._conn_count += 1
@@ -104,9 +116,17 @@ class IscsiServer:
         try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            with contextlib.suppress(OSError, AttributeError):  # a dead peer frees its slot
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+            with contextlib.suppress(OSError):  # room for a few big Data-In PDUs per send
+                stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             await self._run_connection(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("iSCSI connection ended: %s", exc)
+        except Exception:  # a bug must cost one connection, never the target
+            log.exception("iSCSI connection failed")
         finally:
             self._conn_count -= 1
             await trio.aclose_forcefully(stream)
@@ -136,7 +156,7 @@ class IscsiServer:
                             old.cancel()  # session reinstatement
                         self._sessions.by_key[key] = scope
                     await self._full_feature(stream, conn, flush)
-            if not scope.cancelled_caught:
+            if not scope.cancelled_caught and (conn.full_feature or conn.closing):
                 await self._linger(stream)
         finally:
             conn.nexus_lost()
@@ -162,22 +182,24 @@ class IscsiServer:
                 drained += len(data)
 
     async def _login(self, stream, conn: Connection, flush) -> bool:
-        """Run the login phase under a deadline and a cap on concurrent logins."""
-        with trio.move_on_after(self.limits.login_timeout) as deadline:
-            async with self._login_slots:
+        """Run the login phase under a deadline; the connection may be evicted by newer
+        ones while it has not logged in."""
+        with trio.move_on_after(self.limits.login_timeout) as scope:
+            key = id(scope)
+            self._logging_in[key] = scope
+            try:
                 while not conn.full_feature:
                     data = await stream.receive_some(RECV_CHUNK)
                     if not data:
                         return False
                     tasks = conn.receive_data(data)
                     await flush()
-                    if conn.closing:
-                        return False
-                    if tasks:  # cannot happen before full feature; be strict anyway
+                    if conn.closing or tasks:  # no task can exist before full feature
                         return False
                 return True
-        if deadline.cancelled_caught:
-            log.info("iSCSI login timed out")
+            finally:
+                self._logging_in.pop(key, None)
+        log.info("iSCSI login timed out or was evicted by newer connections")
         return False
 
     async def _full_feature(self, stream, conn: Connection, flush) -> None:
@@ -189,6 +211,7 @@ class IscsiServer:
             async for batch in recv_batches:
                 for task in batch:
                     if task.aborted:
+                        conn.complete(task, None)
                         continue
                     lu = self.config.luns[task.lun]
                     result = await lu.execute(conn.nexus, task.cdb, bytes(task.buf),
@@ -261,6 +284,7 @@ async def serve_iscsi(device: BlockDevice, listen: str = f"127.0.0.1:{DEFAULT_PO
     Use inside a trio nursery: `port = await nursery.start(serve_iscsi, dev, ...)`.
     """
     host, port = parse_listen(listen)
-    lu = LogicalUnit(device, name=iqn)
+    # The LU identity (VPD 80h/83h) follows the target name and the backing device.
+    lu = LogicalUnit(device, name=f"{iqn}:{getattr(device, 'name', '')}")
     config = TargetConfig(iqn=iqn, luns={0: lu}, chap=chap)
     await IscsiServer(config, limits).serve(host, port, task_status=task_status)

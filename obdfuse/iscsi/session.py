@@ -99,7 +99,6 @@ class Connection:
         self._out: list[bytes | memoryview] = []
         self._tasks: dict[int, Task] = {}
         self._ttts = itertools.count(1)
-        self._r2t_ttt_to_itt: dict[int, int] = {}
         self._soliciting = 0
         self._waiting_r2t: deque[Task] = deque()
         self._text_pending: bytes = b""
@@ -107,6 +106,9 @@ class Connection:
         self._text_in = bytearray()
         self._send_header_digest = False
         self._send_data_digest = False
+        self._in_flight: set[Task] = set()  # tasks the driver is executing
+        # TMF responses held until the aborted tasks they cover have stopped.
+        self._tmf_waiting: list[tuple[set[Task], W.TaskManagementRequest, int]] = []
 
     # ------------------------------------------------------------ driver api
 
@@ -123,7 +125,10 @@ class Connection:
                 frame = self.reader.next_frame()
                 if frame is None:
                     break
-                ready += self._dispatch(frame)
+                handed = self._dispatch(frame)
+                for task in handed:
+                    self._in_flight.add(task)
+                ready += handed
             except W.ProtocolError as exc:
                 self._reject(exc.reason, exc.bhs)
                 if exc.fatal:
@@ -135,10 +140,18 @@ class Connection:
         out, self._out = self._out, []
         return out
 
-    def complete(self, task: Task, result: ScsiResult) -> None:
-        """A task finished executing: queue its Data-In and status."""
-        self._tasks.pop(task.itt, None)
-        if task.aborted or self.closing:
+    def complete(self, task: Task, result: ScsiResult | None) -> None:
+        """A task handed out by `receive_data` is done: queue its Data-In and status.
+
+        `result` is None when the driver skipped an aborted task. Every handed-out
+        task must come back here: task-management answers wait for them.
+        """
+        if self._tasks.get(task.itt) is task:
+            del self._tasks[task.itt]
+        self._in_flight.discard(task)
+        if self._tmf_waiting:
+            self._release_tmf_responses()
+        if task.aborted or self.closing or result is None:
             return
         lu = self.config.luns.get(task.lun)
         if result.status != S.GOOD and result.status != S.CONDITION_MET:
@@ -385,7 +398,6 @@ class Connection:
         task.r2t_offset = task.received
         task.r2t_length = min(self.params.max_burst, task.needed - task.received)
         task.next_datasn = 0
-        self._r2t_ttt_to_itt[ttt] = task.itt
         self._emit(W.R2T(itt=task.itt, ttt=ttt, lun=task.lun_field, statsn=self.statsn,
                          exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn, r2tsn=task.r2tsn,
                          offset=task.r2t_offset, length=task.r2t_length))
@@ -431,7 +443,6 @@ class Connection:
         if task.received >= limit:
             if not d.final:
                 raise W.ProtocolError("burst complete without the F bit", bhs=bhs)
-            self._r2t_ttt_to_itt.pop(task.r2t_ttt or 0, None)
             task.r2t_ttt = None
             if task.received >= task.needed:
                 self._release_solicitor()
@@ -507,6 +518,7 @@ class Connection:
             return []
         lun = _lun_number(req.lun)
         fn = req.function
+        affected: list[Task] = []
         response = TMF_COMPLETE
         if fn in (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_LUN_RESET) and (
                 lun not in self.config.luns):
@@ -514,6 +526,7 @@ class Connection:
         elif fn == TMF_ABORT_TASK:
             task = self._tasks.get(req.ref_itt)
             if task is not None:
+                affected.append(task)
                 self._abort(task)
             elif not _sn_lt(req.ref_cmdsn, self.exp_cmdsn):
                 response = TMF_COMPLETE  # not received yet: nothing to do
@@ -522,14 +535,17 @@ class Connection:
         elif fn in (TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET):
             for task in list(self._tasks.values()):
                 if task.lun == lun:
+                    affected.append(task)
                     self._abort(task)
         elif fn == TMF_LUN_RESET:
             for task in list(self._tasks.values()):
                 if task.lun == lun:
+                    affected.append(task)
                     self._abort(task)
             self.config.luns[lun].reset(self.nexus)
         elif fn in (TMF_TARGET_WARM_RESET, TMF_TARGET_COLD_RESET):
             for task in list(self._tasks.values()):
+                affected.append(task)
                 self._abort(task)
             for lu in self.config.luns.values():
                 lu.reset(self.nexus, S.TARGET_RESET_OCCURRED)
@@ -538,16 +554,31 @@ class Connection:
                 self.closing = True
         else:
             response = TMF_NOT_SUPPORTED
+        running = {t for t in affected if t in self._in_flight}
+        if running:  # answer once they have stopped (RFC 7143 §11.6.1)
+            self._tmf_waiting.append((running, req, response))
+        else:
+            self._tmf_response(req, response)
+        return []
+
+    def _tmf_response(self, req: W.TaskManagementRequest, response: int) -> None:
         self._emit(W.TaskManagementResponse(itt=req.itt, response=response,
                                             statsn=self._next_statsn(), exp_cmdsn=self.exp_cmdsn,
                                             max_cmdsn=self.max_cmdsn))
-        return []
+
+    def _release_tmf_responses(self) -> None:
+        waiting, self._tmf_waiting = self._tmf_waiting, []
+        for running, req, response in waiting:
+            running &= self._in_flight
+            if running:
+                self._tmf_waiting.append((running, req, response))
+            else:
+                self._tmf_response(req, response)
 
     def _abort(self, task: Task) -> None:
         task.aborted = True
         self._tasks.pop(task.itt, None)
         if task.r2t_ttt is not None:
-            self._r2t_ttt_to_itt.pop(task.r2t_ttt, None)
             task.r2t_ttt = None
             self._release_solicitor()
 

@@ -17,6 +17,8 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
+from obdfuse.errors import FormatError
+from obdfuse.fileio import atomic_output
 from obdfuse.layers.header import (
     COMMIT_HEADER_FLAGS,
     COMMIT_TRAILER_FLAGS,
@@ -30,6 +32,7 @@ from obdfuse.layers.segment import (
     INVALID_ENTRY,
     SECTOR,
     Segments,
+    check_fields,
     encode,
     merge_adjacent,
     pad_to,
@@ -98,6 +101,7 @@ async def write_lsmt(
     if len(user_tag) > USER_TAG_SIZE:
         raise ValueError(f"commit message longer than {USER_TAG_SIZE} bytes")
     index, data_end = plan_commit(flat)
+    check_fields(index, "commit")  # an out-of-range field would encode into a corrupt entry
     header = LsmtHeader(
         flags=COMMIT_HEADER_FLAGS,
         virtual_size=virtual_size,
@@ -106,8 +110,7 @@ async def write_lsmt(
         user_tag=user_tag,
     )
     out.write(header.pack())
-    written = await _copy_data(flat, read, out)
-    assert written == (data_end - FIRST_DATA_SECTOR) * SECTOR
+    await _copy_data(flat, read, out)
     padding = pad_to(len(index))
     encoded = encode(index) + INVALID_ENTRY * padding
     for pos in range(0, len(encoded), 4096):
@@ -122,7 +125,11 @@ async def write_lsmt(
 
 
 async def _copy_data(flat: Segments, read: ReadSectors, out: BinaryIO) -> int:
-    """Copy the data of every non-zeroed mapping in logical order, coalescing reads."""
+    """Copy the data of every non-zeroed mapping in logical order, coalescing reads.
+
+    Every read must return exactly the sectors asked for: one short read would shift
+    all later data against the index, so it fails the commit instead.
+    """
     data = flat.take(~flat.zeroed)
     n = len(data)
     if not n:
@@ -141,6 +148,11 @@ async def _copy_data(flat: Segments, read: ReadSectors, out: BinaryIO) -> int:
         for pos in range(0, count, chunk):
             n_sec = min(chunk, count - pos)
             buf = await read(tag, start + pos, n_sec)
+            if len(buf) != n_sec * SECTOR:
+                raise FormatError(
+                    f"commit: source {tag} returned {len(buf)} of {n_sec * SECTOR} bytes "
+                    f"at byte {(start + pos) * SECTOR}"
+                )
             out.write(buf)
             total += len(buf)
     return total
@@ -157,49 +169,41 @@ async def commit_layer(
     out_path = Path(out_path)
     uuid = normalize_uuid(options.uuid) if options.uuid else NULL_UUID
     parent = normalize_uuid(options.parent_uuid) if options.parent_uuid else source.parent_uuid
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    tmp_path = Path(tmp)
-    try:
-        with os.fdopen(fd, "w+b") as f, ExitStack() as scratch:
-            # A tar wrapper needs the payload size first: stage the payload in a temp file.
-            target: BinaryIO = (
-                scratch.enter_context(tempfile.TemporaryFile(dir=out_path.parent))
-                if options.tar
-                else f
-            )
-            writer = None
-            if options.zfile:
-                from obdfuse.zfile import ZFileWriter
+    with atomic_output(out_path) as f, ExitStack() as scratch:
+        # A tar wrapper needs the payload size first: stage the payload in a temp file.
+        target: BinaryIO = (
+            scratch.enter_context(tempfile.TemporaryFile(dir=out_path.parent))
+            if options.tar
+            else f
+        )
+        writer = None
+        if options.zfile:
+            from obdfuse.zfile import ZFileWriter
 
-                writer = ZFileWriter(
+            writer = scratch.enter_context(  # aborted (threads stopped) if the commit fails
+                ZFileWriter(
                     target,
                     algorithm=options.algorithm,
                     block_size=options.block_size,
                     checksum=True,
                     overwrite_header=options.overwrite_header,
                 )
-            await write_lsmt(
-                source.commit_segments(),
-                source.read_tagged,
-                writer if writer is not None else target,  # type: ignore[arg-type]
-                virtual_size=source.virtual_size,
-                uuid=uuid,
-                parent_uuid=parent,
-                user_tag=options.user_tag,
             )
-            if writer is not None:
-                writer.close()
-            if options.tar:
-                from obdfuse.tarwrap import write_wrapped
+        await write_lsmt(
+            source.commit_segments(),
+            source.read_tagged,
+            writer if writer is not None else target,  # type: ignore[arg-type]
+            virtual_size=source.virtual_size,
+            uuid=uuid,
+            parent_uuid=parent,
+            user_tag=options.user_tag,
+        )
+        if writer is not None:
+            writer.close()
+        if options.tar:
+            from obdfuse.tarwrap import write_wrapped
 
-                payload_size = target.seek(0, os.SEEK_END)
-                target.seek(0)
-                write_wrapped(target, f, payload_size)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.seek(0, os.SEEK_END)
-        os.replace(tmp_path, out_path)
-        return size
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+            payload_size = target.seek(0, os.SEEK_END)
+            target.seek(0)
+            write_wrapped(target, f, payload_size)
+        return f.seek(0, os.SEEK_END)

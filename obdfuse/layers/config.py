@@ -6,11 +6,15 @@ Relative paths resolve against the folder holding the config file. No layer IO h
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from obdfuse.errors import FormatError
+from obdfuse.fileio import atomic_output
+
+log = logging.getLogger(__name__)
 
 # Files tried inside a lower's `dir`, in order (after its `file`), §5.3.
 DIR_CANDIDATES = ("overlaybd.commit", ".commit", "overlaybd.sealed")
@@ -56,9 +60,19 @@ class ImageConfig:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def write_result(self, text: str) -> None:
-        """Record `success` or `failed:<reason>` in resultFile, as overlaybd does."""
-        if self.result_file is not None:
-            self.result_file.write_text(text)
+        """Record `success` or `failed:<reason>` in resultFile, as overlaybd does.
+
+        The file is replaced atomically, so a watcher never reads half a result. A
+        result that cannot be written is logged, never raised: it must not hide the
+        error being reported, nor fail an image that opened.
+        """
+        if self.result_file is None:
+            return
+        try:
+            with atomic_output(self.result_file) as f:
+                f.write(text.encode("utf-8", "replace"))
+        except OSError as exc:
+            log.warning("%s: cannot write resultFile %s: %s", self.path, self.result_file, exc)
 
 
 def load_config(path: str | Path) -> ImageConfig:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from obdfuse.errors import FormatError
+from obdfuse.fileio import atomic_output, pwrite_all
 from obdfuse.layers.segment import SECTOR
 from obdfuse.layers.stack import Stack
 
@@ -33,11 +35,18 @@ def data_extents(stack: Stack) -> tuple[np.ndarray, np.ndarray]:
 
 
 async def dump_image(stack: Stack, out: str | os.PathLike[str]) -> int:
-    """Write `stack` to `out` (a sparse file of stack.size bytes); returns bytes written."""
+    """Write `stack` to `out` (a sparse file of stack.size bytes); returns bytes written.
+
+    The disk is assembled in a temporary file beside `out` and renamed over it once
+    complete and synced: a failed dump (a corrupt layer, a full disk) leaves no
+    partial image behind and an existing `out` untouched.
+    """
     out = Path(out)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    if out.exists() and not out.is_file():
+        raise FormatError(f"{out}: exists and is not a regular file; dump writes a sparse file")
     written = 0
-    try:
+    with atomic_output(out) as f:
+        fd = f.fileno()
         starts, ends = data_extents(stack)
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             for pos in range(start, end, CHUNK):
@@ -45,9 +54,6 @@ async def dump_image(stack: Stack, out: str | os.PathLike[str]) -> int:
                 data = await stack.pread(pos, n)
                 written += _write_nonzero(fd, data, pos)
         os.ftruncate(fd, stack.size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     return written
 
 
@@ -57,7 +63,7 @@ def _write_nonzero(fd: int, data: bytes, offset: int) -> int:
     if not sectors.any():
         return 0
     if sectors.all():
-        _pwrite_all(fd, data, offset)
+        pwrite_all(fd, data, offset)
         return len(data)
     edges = np.diff(np.concatenate(([False], sectors, [False])).astype(np.int8))
     run_starts = np.flatnonzero(edges == 1)
@@ -65,14 +71,6 @@ def _write_nonzero(fd: int, data: bytes, offset: int) -> int:
     view = memoryview(data)
     total = 0
     for a, b in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
-        _pwrite_all(fd, view[a * SECTOR : b * SECTOR], offset + a * SECTOR)
+        pwrite_all(fd, view[a * SECTOR : b * SECTOR], offset + a * SECTOR)
         total += (b - a) * SECTOR
     return total
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

@@ -12,6 +12,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 
 from obdfuse.errors import FormatError
+from obdfuse.slotflags import FLAG_DATA, FLAG_HEADER, FLAG_SEALED, SlotFlags
 
 SLOT_SIZE = 4096
 STRUCT_SIZE = 390
@@ -23,10 +24,7 @@ USER_TAG_SIZE = 256
 VERSION = 1
 SUB_VERSION = 1
 
-# Flag bits (§3.2)
-FLAG_HEADER = 1 << 0
-FLAG_DATA = 1 << 1
-FLAG_SEALED = 1 << 2
+# Flag bits (§3.2): bits 0-2 (header, data, sealed) are shared with ZFile (slotflags)
 FLAG_SPARSE = 1 << 4
 
 # Observed flag values (§3.2)
@@ -36,10 +34,12 @@ RW_DATA_FLAGS = FLAG_HEADER | FLAG_DATA  # 0x03
 RW_SPARSE_DATA_FLAGS = RW_DATA_FLAGS | FLAG_SPARSE  # 0x13
 RW_INDEX_FLAGS = FLAG_HEADER  # 0x01
 
+#: Mappings address 50-bit sector offsets (§3.3): no disk can be larger than this.
+MAX_VIRTUAL_SIZE = ((1 << 50) - 1) * 512
 MAX_RO_INDEX_SIZE = 1_000_000  # entries in a sealed layer (§3.4)
 MAX_RW_INDEX_SIZE = 128_000_000  # entries in an RW index log (§3.5)
 
-_FMT = struct.Struct("<8s16sIIQQQ37s37sHBB256s")
+_FMT = struct.Struct(f"<8s16sIIQQQ{UUID_FIELD}s{UUID_FIELD}sHBB{USER_TAG_SIZE}s")
 assert _FMT.size == STRUCT_SIZE
 _UUID_RE = re.compile(r"[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}", re.I)
 
@@ -55,11 +55,12 @@ def normalize_uuid(text: str | None) -> str:
 
 
 def random_uuid() -> str:
+    """A fresh random UUID in overlaybd's uppercase form."""
     return str(uuidlib.uuid4()).upper()
 
 
 @dataclass(frozen=True)
-class LsmtHeader:
+class LsmtHeader(SlotFlags):
     """One LSMT header or trailer slot."""
 
     flags: int
@@ -73,22 +74,11 @@ class LsmtHeader:
     user_tag: bytes = field(default=b"")
 
     @property
-    def is_header(self) -> bool:
-        return bool(self.flags & FLAG_HEADER)
-
-    @property
-    def is_data(self) -> bool:
-        return bool(self.flags & FLAG_DATA)
-
-    @property
-    def is_sealed(self) -> bool:
-        return bool(self.flags & FLAG_SEALED)
-
-    @property
     def is_sparse(self) -> bool:
         return bool(self.flags & FLAG_SPARSE)
 
-    def replace(self, **changes) -> LsmtHeader:
+    def replace(self, **changes: object) -> LsmtHeader:
+        """A copy with some fields changed."""
         return replace(self, **changes)
 
     def pack(self) -> bytes:
@@ -124,6 +114,10 @@ class LsmtHeader:
             raise FormatError(f"{where}: not an LSMT header (bad magic)")
         if size != STRUCT_SIZE:
             raise FormatError(f"{where}: LSMT header size {size}, expected {STRUCT_SIZE}")
+        if vsize > MAX_VIRTUAL_SIZE:
+            raise FormatError(
+                f"{where}: virtual size {vsize} exceeds what LSMT can address ({MAX_VIRTUAL_SIZE})"
+            )
         return cls(
             flags=flags,
             index_offset=ioff,

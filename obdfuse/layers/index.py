@@ -15,11 +15,6 @@ from obdfuse.layers.segment import Segments, concat, empty_segments
 
 _BIG = np.int64(1 << 62)
 
-# Kinds of pieces a lookup returns.
-HOLE = 0  # unmapped everywhere: reads as zeros
-ZERO = 1  # a zeroed mapping: reads as zeros
-DATA = 2  # data at (tag, moffset)
-
 
 class SegmentIndex:
     """An immutable index of sorted, non-overlapping mappings (sectors)."""
@@ -60,6 +55,7 @@ class SegmentIndex:
 
     @classmethod
     def empty(cls) -> SegmentIndex:
+        """An index with no mappings."""
         return cls(empty_segments(), check=False)
 
     def __len__(self) -> int:
@@ -93,6 +89,7 @@ def trim(segs: Segments, start: int, end: int) -> Segments:
 
 
 def sort_segments(segs: Segments) -> Segments:
+    """`segs` ordered by logical offset (stable)."""
     order = np.argsort(segs.offset, kind="stable")
     return segs.take(order)
 
@@ -248,6 +245,7 @@ class MutableSegmentIndex:
             self.fold()
 
     def fold(self) -> None:
+        """Merge the pending writes into the base index."""
         if len(self.pending):
             self.base = SegmentIndex(overlay(self.pending.segs, self.base.segs), check=False)
             self.pending = SegmentIndex.empty()

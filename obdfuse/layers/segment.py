@@ -84,6 +84,7 @@ def make_segments(offset, length, moffset, zeroed=None, tag=None) -> Segments:
 
 
 def empty_segments() -> Segments:
+    """Segments with no mappings."""
     return make_segments([], [], [])
 
 
@@ -155,13 +156,6 @@ def check_fields(segs: Segments, where: str) -> None:
             f"{where}: mapping #{i} (offset {int(segs.offset[i])}, length "
             f"{int(segs.length[i])}, moffset {int(segs.moffset[i])} sectors) is out of range"
         )
-
-
-def split_long(segs: Segments, limit: int = MAX_LENGTH) -> Segments:
-    """Split mappings longer than `limit` sectors into consecutive pieces of ≤ limit."""
-    if not len(segs) or int(segs.length.max()) <= limit:
-        return segs
-    return split_pieces(segs, limit, split_zeroed=True)
 
 
 def split_pieces(segs: Segments, piece: int, *, split_zeroed: bool) -> Segments:

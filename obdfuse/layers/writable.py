@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from obdfuse.device import _punch_hole
 from obdfuse.errors import FormatError
+from obdfuse.fileio import punch_hole, pwrite_all
 from obdfuse.layers.header import (
     FLAG_DATA,
     FLAG_HEADER,
@@ -194,6 +194,7 @@ class WritableLayer:
         return self.header.parent_uuid
 
     def flat_index(self) -> SegmentIndex:
+        """The resolved index as one flat SegmentIndex (later writes win)."""
         return self.index.flat()
 
     def commit_segments(self) -> Segments:
@@ -217,6 +218,7 @@ class WritableLayer:
     # ---- IO -----------------------------------------------------------------------------
 
     def read_sectors_sync(self, moffset: int, count: int) -> bytes:
+        """`count` sectors of the data file at sector `moffset` (exactly, or raise)."""
         want = count * SECTOR
         data = os.pread(self._data_fd, want, moffset * SECTOR)
         if len(data) < want:
@@ -239,11 +241,11 @@ class WritableLayer:
             piece = view[pos : pos + MAX_IO_SIZE]
             at = offset + pos
             if self.sparse:
-                _pwrite_all(self._data_fd, piece, SLOT_SIZE + at)
+                pwrite_all(self._data_fd, piece, SLOT_SIZE + at)
                 self.index.insert(at // SECTOR, len(piece) // SECTOR, (SLOT_SIZE + at) // SECTOR)
                 continue
             moffset = self._data_end // SECTOR
-            _pwrite_all(self._data_fd, piece, self._data_end)
+            pwrite_all(self._data_fd, piece, self._data_end)
             self._data_end += len(piece)
             self._append_log(at // SECTOR, len(piece) // SECTOR, moffset, zeroed=False)
 
@@ -251,7 +253,7 @@ class WritableLayer:
         """Make a sector-aligned range read as zeros (shadowing lower layers)."""
         self._check_range(offset, length)
         if self.sparse:
-            _punch_hole(self._data_fd, SLOT_SIZE + offset, length)
+            punch_hole(self._data_fd, SLOT_SIZE + offset, length)
         start, end = offset // SECTOR, (offset + length) // SECTOR
         for s in range(start, end, MAX_LENGTH):
             n = min(MAX_LENGTH, end - s)
@@ -269,6 +271,7 @@ class WritableLayer:
             os.fdatasync(self._index_fd)
 
     def close(self) -> None:
+        """Close the data and index files (no flush: call flush() first to persist)."""
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
@@ -282,7 +285,7 @@ class WritableLayer:
     def _append_log(self, offset: int, length: int, moffset: int, *, zeroed: bool) -> None:
         entry = _ENTRY.pack(offset | (length << 50), moffset | (int(zeroed) << 55))
         assert self._index_fd is not None
-        _pwrite_all(self._index_fd, entry, self._index_end)
+        pwrite_all(self._index_fd, entry, self._index_end)
         self._index_end += ENTRY_SIZE
         self.index.insert(offset, length, moffset, zeroed)
 
@@ -302,14 +305,6 @@ class WritableLayer:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _load_index_log(

@@ -16,6 +16,7 @@ import numpy as np
 
 from obdfuse.crc import crc_raw
 from obdfuse.errors import CorruptDataError, FormatError
+from obdfuse.slotflags import FLAG_DATA, FLAG_HEADER, FLAG_SEALED, SlotFlags
 
 # --- constants (spec §2.2, §2.3, §2.5, §2.6, §2.8) -------------------------------------------
 
@@ -26,9 +27,7 @@ SLOT_SIZE = 512  # §2.1 header and trailer occupy 512-byte slots
 STRUCT_SIZE = 96  # §2.2 `size` field: meaningful bytes of the slot
 DIGEST_OFFSET = 28  # §2.2 the digest field, zeroed while computing the digest
 
-FLAG_HEADER = 1 << 0  # §2.3 bit 0: 1 = header, 0 = trailer
-FLAG_DATA = 1 << 1  # §2.3 bit 1: data file (always set for ZFile)
-FLAG_SEALED = 1 << 2  # §2.3 bit 2: sealed (trailer)
+# §2.3 bits 0-2 (header / data file, always set for ZFile / sealed) are shared with LSMT
 FLAG_HEADER_OVERWRITE = 1 << 3  # §2.3 bit 3: header carries the trailer's index info
 FLAG_DIGEST = 1 << 4  # §2.3 bit 4: digest and index_crc are valid
 FLAG_INDEX_COMPRESSED = 1 << 5  # §2.3 bit 5: defined upstream, never set or honoured
@@ -66,7 +65,7 @@ def stored_block_bound(block_size: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class HeaderTrailer:
+class HeaderTrailer(SlotFlags):
     """One decoded 512-byte header or trailer slot (spec §2.2)."""
 
     flags: int
@@ -82,18 +81,6 @@ class HeaderTrailer:
     verify: bool = True
     digest: int = 0
     struct_size: int = STRUCT_SIZE
-
-    @property
-    def is_header(self) -> bool:
-        return bool(self.flags & FLAG_HEADER)
-
-    @property
-    def is_data(self) -> bool:
-        return bool(self.flags & FLAG_DATA)
-
-    @property
-    def is_sealed(self) -> bool:
-        return bool(self.flags & FLAG_SEALED)
 
     @property
     def header_overwritten(self) -> bool:

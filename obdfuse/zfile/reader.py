@@ -15,10 +15,10 @@ from itertools import pairwise
 
 from crc32c import crc32c as _std_crc32c
 
-from obdfuse.blob import Blob, FileBlob, SliceBlob
-from obdfuse.crc import SALT, crc_salt, salted_block_ok
+from obdfuse.blob import Blob, FileBlob
+from obdfuse.crc import SALT_STD, STD_RESIDUE, crc_salt, salted_block_ok
 from obdfuse.errors import CorruptDataError, FormatError
-from obdfuse.tarwrap import HEAD_SIZE, parse_wrapper
+from obdfuse.tarwrap import HEAD_SIZE, payload_slice
 from obdfuse.zfile.codec import DECOMPRESSORS, RAW_DECOMPRESSORS, CodecError
 from obdfuse.zfile.format import (
     CHECKSUM_SIZE,
@@ -37,8 +37,6 @@ from obdfuse.zfile.format import (
 #: Bytes read from the end of a trailer-based file in one go: the trailer and, for
 #: files up to ~16k blocks, the whole index (saves a round trip on remote blobs).
 TAIL_PREFETCH = 64 * 1024 + SLOT_SIZE
-_SALT_STD = SALT ^ 0xFFFFFFFF  # crc_salt's seed in the crc32c package's convention
-_RESIDUE_STD = 0xFFFFFFFF  # a block followed by its raw CRC leaves this residue (see crc.py)
 #: Stored bytes checked per read by `verify_all`.
 VERIFY_CHUNK = 4 << 20
 
@@ -99,15 +97,9 @@ class ZFileReader:
         inner: Blob = blob
         blob_offset = 0
         if unwrap:
-            found = parse_wrapper(head)
-            if found is not None:
-                blob_offset, size = found
-                if blob_offset + size > blob.size:
-                    raise FormatError(
-                        f"{name}: tar payload at {blob_offset} of {size} bytes runs past the "
-                        f"end of the blob ({blob.size} bytes; truncated?)"
-                    )
-                inner = SliceBlob(blob, blob_offset, size, name=name)
+            payload = payload_slice(blob, head)
+            if payload is not None:
+                inner, blob_offset = payload, payload.start
                 head = head[blob_offset:]
         if len(head) < SLOT_SIZE:
             head = await inner.pread(0, SLOT_SIZE)
@@ -217,7 +209,7 @@ class ZFileReader:
         if first == last:  # the common small read: one block, no join
             n = stop - start
             strip = self._strip
-            if not self.verify or _std_crc32c(raw, _SALT_STD) == _RESIDUE_STD:
+            if not self.verify or _std_crc32c(raw, SALT_STD) == STD_RESIDUE:
                 try:
                     block = self._raw_decompress(
                         memoryview(raw)[: n - strip] if strip else raw, self._bs
@@ -251,7 +243,7 @@ class ZFileReader:
         try:
             for a, b in pairwise(bounds):
                 stored = mv[a:b]
-                if verify and crc(stored, _SALT_STD) != _RESIDUE_STD:
+                if verify and crc(stored, SALT_STD) != STD_RESIDUE:
                     break
                 data = decompress(stored[:keep], bs)
                 if len(data) != bs and not (ends_file and len(parts) == count - 1):

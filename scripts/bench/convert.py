@@ -23,6 +23,7 @@ import gzip
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,8 +67,11 @@ def build_image(layout: Path, sources: list[str], work: Path) -> None:
 
 def manifest_of(layout: Path, tag: str) -> dict:
     index = json.loads((layout / "index.json").read_text())
-    entry = next(m for m in index["manifests"]
-                 if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    entry = next(
+        m
+        for m in index["manifests"]
+        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
+    )
     return json.loads((layout / "blobs/sha256" / entry["digest"][7:]).read_text())
 
 
@@ -112,8 +116,15 @@ def main() -> None:
         print(f"image: {n_layers} layers, {raw / 1e6:.0f} MB as tar, {gz / 1e6:.0f} MB gzip")
 
         cache = tmp / "cache"
-        run(*obdfuse, "build", "--cache-dir", cache, REPO / "scripts", f"oci:{tmp / 'warm'}",
-            env=env)  # builds and caches the base layer outside the timed runs
+        run(
+            *obdfuse,
+            "build",
+            "--cache-dir",
+            cache,
+            REPO / "scripts",
+            f"oci:{tmp / 'warm'}",
+            env=env,
+        )  # builds and caches the base layer outside the timed runs
 
         results: dict[str, list[float]] = {"umoci unpack": []}
         sizes: dict[str, int] = {}
@@ -127,18 +138,33 @@ def main() -> None:
                 out = tmp / f"out-{algo}"
 
                 def convert(out=out, algo=algo) -> None:
-                    run(*obdfuse, "convert", "--cache-dir", cache, "--algorithm", algo,
-                        f"oci:{src}:bench", f"oci:{out}:obd", env=env)
+                    run(
+                        *obdfuse,
+                        "convert",
+                        "--cache-dir",
+                        cache,
+                        "--algorithm",
+                        algo,
+                        f"oci:{src}:bench",
+                        f"oci:{out}:obd",
+                        env=env,
+                    )
 
                 results.setdefault(f"obdfuse convert ({algo})", []).append(timed(convert))
                 sizes[algo] = sum(d["size"] for d in manifest_of(out, "obd")["layers"])
                 shutil.rmtree(out)
 
         base = min(results["umoci unpack"])
-        print(f"\n{'':28} {'best s':>8} {'MB/s':>8} {'vs umoci':>9}")
+        base_median = statistics.median(results["umoci unpack"])
+        print(
+            f"\n{'':28} {'best s':>8} {'MB/s':>8} {'vs umoci':>9} {'median s':>9} {'vs umoci':>9}"
+        )
         for name, times in results.items():
-            best = min(times)
-            print(f"{name:28} {best:8.2f} {raw / best / 1e6:8.1f} {base / best:8.2f}x")
+            best, median = min(times), statistics.median(times)
+            print(
+                f"{name:28} {best:8.2f} {raw / best / 1e6:8.1f} {base / best:8.2f}x"
+                f" {median:9.2f} {base_median / median:8.2f}x"
+            )
         print(f"\n{'size':28} {'MB':>8} {'vs gzip':>9}")
         print(f"{'OCI image (gzip layers)':28} {gz / 1e6:8.1f} {1:8.2f}x")
         for algo, size in sizes.items():

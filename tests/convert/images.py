@@ -132,9 +132,53 @@ def recompress(src_layout: Path, tag: str, dst_layout: Path, fmt: str) -> None:
     run("skopeo", "copy", "-q", *args, f"oci:{src_layout}:{tag}", f"oci:{dst_layout}:{tag}")
 
 
+def make_multi_platform(src_layout: Path, tag: str, dst: Path) -> Path:
+    """A layout whose tag `multi` is an index of an amd64 and an arm64 image.
+
+    Both share the layers of `src_layout:tag`; the arm64 one has its own config
+    (architecture arm64, env VARIANT=arm64) so a test can tell which was chosen.
+    """
+    import json
+
+    from obdfuse.convert.oci import OCI_INDEX, Descriptor, OciLayout
+
+    recompress(src_layout, tag, dst, "gzip")
+    out = OciLayout(dst)
+    entry = json.loads((dst / "index.json").read_text())["manifests"][0]
+    manifest = json.loads(out.read_small(Descriptor.from_json(entry, "t"), 1 << 20, "manifest"))
+    config = json.loads(
+        out.read_small(Descriptor.from_json(manifest["config"], "c"), 1 << 20, "config")
+    )
+    config["architecture"] = "arm64"
+    config["variant"] = "v8"
+    config["config"]["Env"] = [*config["config"].get("Env", []), "VARIANT=arm64"]
+    arm_config = out.put_bytes(json.dumps(config).encode(), manifest["config"]["mediaType"])
+    arm_manifest = dict(manifest, config=arm_config.to_json())
+    arm = out.put_bytes(json.dumps(arm_manifest).encode(), entry["mediaType"])
+    amd = {k: v for k, v in entry.items() if k != "annotations"}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            dict(arm.to_json(), platform={"os": "linux", "architecture": "arm64", "variant": "v8"}),
+            dict(amd, platform={"os": "linux", "architecture": "amd64"}),
+        ],
+    }
+    out.tag(out.put_bytes(json.dumps(index).encode(), OCI_INDEX), "multi")
+    return dst
+
+
 def push_to_registry(layout: Path, tag: str, ref: str) -> None:
-    """Copy an image from a layout into a registry (plain HTTP)."""
-    run("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{ref}")
+    """Copy an image (or a whole multi-platform index) from a layout into a registry."""
+    run(
+        "skopeo",
+        "copy",
+        "-q",
+        "--all",
+        "--dest-tls-verify=false",
+        f"oci:{layout}:{tag}",
+        f"docker://{ref}",
+    )
 
 
 def umoci_unpack(layout: Path, tag: str, bundle: Path) -> Path:

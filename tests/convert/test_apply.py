@@ -299,3 +299,42 @@ def test_garbage_is_not_a_tar(jail) -> None:
     root, _ = jail
     with pytest.raises(FormatError):
         apply_layer(io.BytesIO(os.urandom(4096)), root, layer_name="test-layer")
+
+
+def test_an_opaque_root_keeps_lost_and_found(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "lost+found").mkdir(parents=True)
+    apply([E("old", data=b"lower")], root)
+    apply([E(".wh..wh..opq", data=b""), E("new", data=b"upper")], root)
+    assert sorted(p.name for p in root.iterdir()) == ["lost+found", "new"]
+
+
+def test_missing_hardlink_target_is_a_clear_error(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(ApplyError, match=r"entry 'h': hard link target 'nope' does not exist"):
+        apply([E("h", "hardlink", link="nope")], root)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_gnu_tar_sparse_files(tmp_path: Path, fmt: str) -> None:
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.seek(3 << 20)
+        f.write(b"middle")
+        f.seek(9 << 20)
+        f.write(b"end")
+    archive = tmp_path / "sparse.tar"
+    subprocess.run(
+        ["tar", f"--format={fmt}", "--sparse", "-C", str(src), "-cf", str(archive), "sparse"],
+        check=True,
+    )
+    root = tmp_path / "root"
+    root.mkdir()
+    with open(archive, "rb") as f:
+        apply_layer(f, root)
+    assert (root / "sparse").read_bytes() == (src / "sparse").read_bytes()
+    assert (root / "sparse").stat().st_blocks * 512 < (1 << 20)

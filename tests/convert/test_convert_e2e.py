@@ -23,6 +23,7 @@ from obdfuse.convert.workspace import loop_table, mounted_paths
 from tests.convert.images import (
     assert_same_tree,
     build_rich_image,
+    make_multi_platform,
     push_to_registry,
     recompress,
     umoci_unpack,
@@ -68,6 +69,46 @@ def obdfuse_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"obdfuse {' '.join(args)} failed: {proc.stderr}")
     return proc
+
+
+def obdfuse_cli_on_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a pseudo-terminal: (exit code, stdout, terminal output)."""
+    import pty
+    import select
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("NOTIFY_SOCKET", None)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "obdfuse", *args],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+        env=env,
+    )
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the other side closed
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        stdout = proc.communicate(timeout=max(1, deadline - time.monotonic()))[0]
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout, b"".join(chunks).decode(errors="replace")
 
 
 def layout_config(layout: Path, tag: str, where: Path) -> Path:
@@ -116,7 +157,7 @@ def check_overlaybd_manifest(manifest: dict, config: dict, n_source_layers: int)
     assert config["config"]["Labels"] == {"org.example": "rich"}
 
 
-def test_convert_from_registry_and_mount_lazily_from_registry(
+def test_convert_from_registry_to_registry_and_mount_from_it(
     rich, cache_dir, registry, mounts, tmp_path
 ) -> None:
     layout, reference = rich
@@ -141,33 +182,52 @@ def test_convert_from_registry_and_mount_lazily_from_registry(
         mounts, f"{registry.host}/obd:v1", tmp_path, "--cache-dir", str(tmp_path / "blob-cache")
     )
     assert_same_tree(root, reference)
-    stat = mounts.mounts[-1].stat()
+
+
+def _allocated(path: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
+def run_umoci_image(layout: Path, tree: Path) -> None:
+    """A one-layer gzip OCI image of `tree` (umoci insert)."""
+    from tests.convert.images import run
+
+    run("umoci", "init", "--layout", layout)
+    run("umoci", "new", "--image", f"{layout}:v1")
+    run("umoci", "insert", "--image", f"{layout}:v1", tree, "/")
+
+
+def test_converted_image_mounts_lazily_from_the_registry(cache_dir, registry, mounts, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "data").mkdir(parents=True)
+    (tree / "data/big").write_bytes(os.urandom(24 << 20))  # incompressible
+    (tree / "etc").mkdir()
+    (tree / "etc/hostname").write_text("lazy\n")
+    run_umoci_image(tmp_path / "layout", tree)
+    push_to_registry(tmp_path / "layout", "v1", f"{registry.host}/lazy-src:v1")
+    rc, stdout, terminal = obdfuse_cli_on_a_terminal(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        f"{registry.host}/lazy-src:v1",
+        f"{registry.host}/lazy:v1",
+    )
+    assert rc == 0, terminal
+    assert stdout.startswith(f"{registry.host}/lazy:v1@sha256:")
+    for step in ("download", "apply layer 1/1", "commit layer-0", "upload"):
+        assert step in terminal, f"no {step!r} progress bar on the terminal: {terminal!r}"
+    manifest = registry_json(
+        registry, "lazy/manifests/v1", "application/vnd.oci.image.manifest.v1+json"
+    )
     total = sum(d["size"] for d in manifest["layers"])
-    fetched = json.dumps(stat)
-    assert total > 0 and fetched  # the stat document exists
-    assert _fetched_bytes(stat) < total, f"not lazy: fetched {_fetched_bytes(stat)} of {total}"
-
-
-def _fetched_bytes(stat: dict) -> int:
-    """Bytes fetched from the registry according to the daemon's stat document."""
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k in ("bytes_fetched", "fetched_bytes", "downloaded_bytes") and isinstance(
-                    v, int
-                ):
-                    found.append(v)
-                else:
-                    walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(stat)
-    assert found, f"no fetched-bytes counter in {stat}"
-    return max(found)
+    assert total > 24 << 20
+    blob_cache = tmp_path / "blob-cache"
+    root = mount_tree(mounts, f"{registry.host}/lazy:v1", tmp_path, "--cache-dir", str(blob_cache))
+    assert (root / "etc/hostname").read_text() == "lazy\n"
+    fetched = _allocated(blob_cache)
+    assert fetched < total // 4, f"not lazy: {fetched} of {total} bytes fetched for one file"
+    assert (root / "data/big").read_bytes() == (tree / "data/big").read_bytes()
+    assert _allocated(blob_cache) > fetched + (20 << 20)
 
 
 @pytest.mark.parametrize("fmt", ["zstd", "tar"])
@@ -375,3 +435,118 @@ def test_a_killed_convert_is_cleaned_up_by_the_next(rich, cache_dir, tmp_path) -
         f"oci:{tmp_path / 'out'}",
     )
     assert _leftovers(work) == [] and list(work.iterdir()) == []
+
+
+def test_multi_platform_source_from_the_registry(rich, cache_dir, registry, mounts, tmp_path):
+    layout, reference = rich
+    multi = make_multi_platform(layout, "v1", tmp_path / "multi")
+    push_to_registry(multi, "multi", f"{registry.host}/multi:1")
+    for platform, arch in (("linux/arm64", "arm64"), ("linux/amd64", "amd64")):
+        repo = f"obd-{arch}"
+        obdfuse_cli(
+            "convert",
+            "--cache-dir",
+            str(cache_dir),
+            "--platform",
+            platform,
+            "--docker-media-types",
+            f"{registry.host}/multi:1",
+            f"{registry.host}/{repo}:1",
+        )
+        manifest = registry_json(
+            registry, f"{repo}/manifests/1", "application/vnd.docker.distribution.manifest.v2+json"
+        )
+        assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+        assert manifest["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
+        assert {d["mediaType"] for d in manifest["layers"]} == {
+            "application/vnd.docker.image.rootfs.diff.tar"
+        }
+        config = registry_json(registry, f"{repo}/blobs/{manifest['config']['digest']}")
+        assert config["architecture"] == arch
+        assert ("VARIANT=arm64" in config["config"]["Env"]) == (arch == "arm64")
+    root = mount_tree(
+        mounts,
+        f"{registry.host}/obd-arm64:1",
+        tmp_path,
+        "--cache-dir",
+        str(tmp_path / "blob-cache"),
+    )
+    assert_same_tree(root, reference)
+
+
+def test_refuses_an_image_that_is_already_overlaybd(cache_dir, tmp_path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    obdfuse_cli("build", "--cache-dir", str(cache_dir), str(tree), f"oci:{tmp_path / 'obd'}:1")
+    out = obdfuse_cli(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        f"oci:{tmp_path / 'obd'}:1",
+        f"oci:{tmp_path / 'again'}",
+        check=False,
+    )
+    assert out.returncode == 1 and "already an overlaybd image" in out.stderr, out.stderr
+
+
+def test_unreachable_registries_fail_in_one_line_and_leave_nothing(
+    rich, cache_dir, registry, tmp_path
+) -> None:
+    layout, _ = rich
+    work = tmp_path / "work"
+    registry.stop()  # nothing listens there any more
+    timeout = ("--registry-timeout", "2")
+    out = obdfuse_cli(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        "--work-dir",
+        str(work),
+        *timeout,
+        f"{registry.host}/src:v1",
+        f"oci:{tmp_path / 'out'}",
+        check=False,
+    )
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert registry.host in out.stderr
+    out = obdfuse_cli(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        "--work-dir",
+        str(work),
+        *timeout,
+        f"oci:{layout}:v1",
+        f"{registry.host}/dst:v1",
+        check=False,
+    )
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert _leftovers(work) == [] and list(work.iterdir()) == []
+
+
+def test_refuses_more_layers_than_overlaybd_can_stack(cache_dir, tmp_path) -> None:
+    from obdfuse.convert.oci import OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, OciLayout
+
+    lay = OciLayout(tmp_path / "many")
+    lay.init()
+    layers = [lay.put_bytes(make_tar([E(f"f{i}", data=b"x")]), OCI_LAYER_TAR) for i in range(255)]
+    cfg = lay.put_bytes(
+        json.dumps({"rootfs": {"type": "layers", "diff_ids": [d.digest for d in layers]}}).encode(),
+        OCI_CONFIG,
+    )
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": cfg.to_json(),
+        "layers": [d.to_json() for d in layers],
+    }
+    lay.tag(lay.put_bytes(json.dumps(manifest).encode(), OCI_MANIFEST), "v1")
+    out = obdfuse_cli(
+        "convert",
+        "--cache-dir",
+        str(cache_dir),
+        f"oci:{tmp_path / 'many'}:v1",
+        f"oci:{tmp_path / 'out'}",
+        check=False,
+    )
+    assert out.returncode == 1 and "has 255 layers" in out.stderr, out.stderr

@@ -9,7 +9,6 @@ import pytest
 
 from obdfuse.convert.apply import apply_layer
 from obdfuse.convert.oci import (
-    OCI_INDEX,
     Descriptor,
     OciLayout,
     Platform,
@@ -20,6 +19,7 @@ from obdfuse.errors import CorruptDataError, FormatError
 from tests.convert.images import (
     assert_same_tree,
     build_rich_image,
+    make_multi_platform,
     recompress,
     umoci_unpack,
 )
@@ -71,29 +71,14 @@ def test_untagged_choice_and_missing_tag(rich) -> None:
         OciLayout(layout).resolve("nope")
 
 
-def _multi_platform(src: Path, dst: Path) -> OciLayout:
-    """A layout whose tag points to an index with an arm64 and an amd64 manifest."""
-    recompress(src, "v1", dst, "gzip")
-    out = OciLayout(dst)
-    entry = json.loads((dst / "index.json").read_text())["manifests"][0]
-    manifest = out.read_small(Descriptor.from_json(entry, "t"), 1 << 20, "manifest")
-    amd = dict(entry, platform={"os": "linux", "architecture": "amd64"})
-    amd.pop("annotations", None)
-    bogus = out.put_bytes(manifest.replace(b'"layers"', b'"layers" '), entry["mediaType"])
-    arm = dict(bogus.to_json(), platform={"os": "linux", "architecture": "arm64"})
-    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [arm, amd]})
-    idx = out.put_bytes(index.encode(), OCI_INDEX)
-    out.tag(idx, "multi")
-    return out
-
-
 def test_multi_platform_index_selects_by_platform(rich, tmp_path: Path) -> None:
     layout, _ = rich
-    out = _multi_platform(layout, tmp_path / "multi")
+    out = OciLayout(make_multi_platform(layout, "v1", tmp_path / "multi"))
     amd = out.resolve("multi", platform=Platform.parse("linux/amd64"))
-    arm = out.resolve("multi", platform=Platform.parse("linux/arm64"))
+    arm = out.resolve("multi", platform=Platform.parse("linux/arm64/v8"))
     assert amd.manifest_desc.digest != arm.manifest_desc.digest
     assert amd.manifest_desc.platform == {"os": "linux", "architecture": "amd64"}
+    assert arm.config["architecture"] == "arm64" and amd.config["architecture"] == "amd64"
     with pytest.raises(FormatError, match=r"no manifest for platform linux/s390x \(available"):
         out.resolve("multi", platform=Platform.parse("linux/s390x"))
 

@@ -135,11 +135,15 @@ class TgtTarget:
         return self
 
     def stop(self) -> None:
+        """Shut tgtd down the way it accepts (it ignores SIGTERM), then make sure."""
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.terminate()
+                for args in (("--op", "delete", "--mode", "target", "--tid", "1", "--force"),
+                             ("--op", "delete", "--mode", "system")):
+                    with contextlib.suppress(subprocess.SubprocessError):
+                        self._adm(*args)
                 try:
-                    self.proc.wait(10)
+                    self.proc.wait(5)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
@@ -169,8 +173,10 @@ class ConformanceResult:
     log: str = ""
 
 
+# A test's outcome is CUnit's "passed"/"FAILED" right after "..." or at a line start,
+# possibly followed on that line by log text of the next suite's setup.
 _TEST = re.compile(
-    r"Test: (\S+) \.\.\.(.*?)(passed|FAILED)(?=(?:    \[SKIPPED\][^\n]*)?\n)", re.S)
+    r"Test: (\S+) \.\.\.(.*?)(?:(?<=\.\.\.)|(?<=\n))(passed|FAILED)(?=\n|    \[)", re.S)
 
 
 def parse_test_cu(log: str) -> ConformanceResult:
@@ -199,10 +205,13 @@ def parse_test_cu(log: str) -> ConformanceResult:
     return res
 
 
-def run_test_cu(url: str, tests: str = "ALL", timeout: float = 300) -> ConformanceResult:
-    """Run libiscsi's conformance suite (`-d`: it may overwrite the LUN)."""
+def run_test_cu(url: str, tests: str = "ALL", timeout: float = 300,
+                second_url: str | None = None) -> ConformanceResult:
+    """Run libiscsi's conformance suite (`-d`: it may overwrite the LUN); a second URL
+    to the same LU enables the multipath tests."""
     t0 = time.monotonic()
-    proc = subprocess.run(["iscsi-test-cu", "-d", "-t", tests, url], capture_output=True,
+    urls = [url] + ([second_url] if second_url else [])
+    proc = subprocess.run(["iscsi-test-cu", "-d", "-t", tests, *urls], capture_output=True,
                           text=True, errors="replace", timeout=timeout)
     res = parse_test_cu(proc.stdout + proc.stderr)
     res.seconds = time.monotonic() - t0

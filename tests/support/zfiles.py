@@ -21,6 +21,7 @@ def make_zfile(data: bytes, *, seekable: bool = True, **kw) -> bytes:
 
 
 async def read_all_async(blob, *, chunk: int = 1 << 20, **kw) -> bytes:
+    """Open `blob` as a ZFile and read it whole, `chunk` bytes per pread."""
     reader = await ZFileReader.open(blob, **kw)
     out = bytearray()
     while len(out) < reader.size:
@@ -30,9 +31,10 @@ async def read_all_async(blob, *, chunk: int = 1 << 20, **kw) -> bytes:
     return bytes(out)
 
 
-def read_all(zfile: bytes, **kw) -> bytes:
-    """Open the in-memory ZFile and return its whole content."""
-    return trio.run(lambda: read_all_async(BytesBlob(zfile, name="mem.zfile"), **kw))
+def read_all(zfile: bytes, *, chunk: int = 1 << 20, **kw) -> bytes:
+    """Open the in-memory ZFile and return its whole content, `chunk` bytes per pread."""
+    blob = BytesBlob(zfile, name="mem.zfile")
+    return trio.run(lambda: read_all_async(blob, chunk=chunk, **kw))
 
 
 def open_reader(zfile: bytes, **kw) -> ZFileReader:
