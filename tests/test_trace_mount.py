@@ -164,3 +164,48 @@ def test_trace_options_are_checked_before_mounting(mounts, app, tmp_path):
     res = mounts.obdfuse("mount", str(app.layer), str(tmp_path / "m3"), "--replay-trace",
                          str(tmp_path / "missing"))
     assert res.returncode == 1 and "no such trace file" in res.stderr
+
+
+def test_config_keys_drive_the_mount(mounts, app, tmp_path):
+    """overlaybd's recordTracePath (record, then replay) and accelerationLayer."""
+    trace = tmp_path / "cfg.trace"
+    trace.touch()  # empty: record mode
+    config = tmp_path / "config.v1.json"
+    config.write_text(json.dumps({"lowers": [{"file": str(app.layer)}],
+                                  "recordTracePath": str(trace)}))
+    rec = mounts.mount(config)
+    assert rec.stat()["trace"]["mode"] == "record"
+    read_startup(mounts, rec.image_path, tmp_path / "root1", app.startup[:3])
+    assert rec.umount().returncode == 0  # closing the image ends the recording
+    assert (tmp_path / "cfg.trace.ok").exists() and read_trace_file(trace)
+
+    accel = tmp_path / "accel"
+    accel.mkdir()
+    (accel / "trace").write_bytes(trace.read_bytes())
+    config.write_text(json.dumps({"lowers": [{"file": str(app.layer)}, {"dir": str(accel)}],
+                                  "accelerationLayer": True}))
+    rep = mounts.mount(config)
+    replay = wait_for(lambda: replay_done(rep), what="the acceleration layer's replay")
+    assert replay["records"] == len(read_trace_file(trace)) and replay["errors"] == 0
+    assert rep.stat()["trace"]["path"] == str(accel / "trace")
+
+
+def test_unmount_cancels_a_running_replay(mounts, registry, app, tmp_path):
+    from tests.support.slowproxy import SlowProxy
+
+    ref = f"{registry.host}/app:v1"
+    assert mounts.obdfuse("push", str(app.layer), ref).returncode == 0
+    trace = tmp_path / "all.trace"  # the first 64 MiB of the layer: a minute at 8 Mbit/s
+    trace.write_bytes(encode_trace([TraceRecord(0, off, 1 << 20)
+                                    for off in range(0, 64 << 20, 1 << 20)]))
+    with SlowProxy(registry.port, mbit=8, rtt_ms=10) as proxy:
+        slow = ref.replace(registry.host, proxy.host)
+        m = mounts.mount(slow, "--cache-dir", str(tmp_path / "cache"), "--chunk-size", "256K",
+                         "--replay-trace", str(trace))
+        wait_for(lambda: m.stat()["trace"]["replay"]["fills_done"] > 0, timeout=60,
+                 what="the replay to make progress")
+        replay = m.stat()["trace"]["replay"]
+        assert replay["state"] == "running" and replay["fills_done"] < replay["fills"]
+        start = time.monotonic()
+        assert m.umount(timeout=20).returncode == 0
+        assert time.monotonic() - start < 10  # the replay is cancelled, not awaited

@@ -124,7 +124,11 @@ def mount(
         device = await open_image(image, upper=upper, size=size, cache_dir=cache_dir,
                                   remote=remote)
         if trace is not None:
-            trace.attach(device)  # a recording starts with the image: no read is missed
+            try:
+                trace.attach(device)  # a recording starts with the image: no read is missed
+            except BaseException:
+                await device.aclose()
+                raise
         return device
 
     settings = MountSettings(

@@ -125,16 +125,23 @@ def ok_path(path: Path) -> Path:
     return path.with_name(path.name + OK_SUFFIX)
 
 
+def create_lock(path: Path) -> None:
+    """Mark a recording as running: `<path>.lock` exists, no stale `<path>.ok`."""
+    ok_path(path).unlink(missing_ok=True)
+    lock_path(path).touch()
+
+
 async def record_until_unlocked(recorder: TraceRecorder, path: Path, *,
-                                poll: float = POLL_SECONDS) -> None:
+                                poll: float = POLL_SECONDS, locked: bool = False) -> None:
     """Run the §7.2 record life cycle; the recorder must already be started.
 
-    Returns when `<path>.lock` is deleted; on cancellation (the image is being
-    closed) the trace is still written.
+    Creates `<path>.lock` (unless `locked`: the caller did, when it started the
+    recorder) and returns when it is deleted; on cancellation (the image is
+    being closed) the trace is still written.
     """
     lock = lock_path(path)
-    ok_path(path).unlink(missing_ok=True)
-    lock.touch()
+    if not locked:
+        create_lock(path)
     log.info("trace: recording into %s (delete %s to stop)", path, lock)
     try:
         while lock.exists():

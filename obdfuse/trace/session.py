@@ -22,7 +22,7 @@ import trio
 
 from obdfuse.errors import FormatError, ObdfuseError
 from obdfuse.trace.format import TraceMode, classify, read_prefetch_list
-from obdfuse.trace.recorder import TraceRecorder, record_until_unlocked
+from obdfuse.trace.recorder import TraceRecorder, create_lock, record_until_unlocked
 from obdfuse.trace.replay import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_REQUEST,
@@ -142,6 +142,8 @@ class TraceService:
         if not hasattr(device, "lowers"):
             raise ObdfuseError("traces need an overlaybd image (a layer stack)")
         if self.settings.mode is TraceMode.RECORD:
+            assert self.settings.path is not None
+            create_lock(self.settings.path)  # visible before the mount reports ready
             self.recorder = TraceRecorder(device)
             self.recorder.start()
 
@@ -150,7 +152,12 @@ class TraceService:
         mode, path = self.settings.mode, self.settings.path
         assert path is not None
         if self.recorder is not None:
-            await record_until_unlocked(self.recorder, path)
+            try:
+                await record_until_unlocked(self.recorder, path, locked=True)
+            except OSError as exc:  # e.g. the lock file cannot be created: keep serving
+                self.recorder.stop()
+                self.error = f"recording into {path} failed: {exc}"
+                log.error("trace: %s", self.error)
         elif mode in (TraceMode.REPLAY, TraceMode.PREFETCH_LIST):
             await self._replay(device, path, mode, self.image_file)
 

@@ -196,6 +196,9 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (FUSE, loop devices, chroot)")
+    if not PYTHON.exists():
+        sys.exit(f"the start-up runs the system Python: {PYTHON} is missing (apt install "
+                 "python3.11)")
     with tempfile.TemporaryDirectory(prefix="obdfuse-coldstart-") as tmp:
         work = Path(tmp)
         keep = args.workdir or work
