@@ -18,7 +18,7 @@ import numpy as np
 import trio
 
 from obdfuse.blob import clamp
-from obdfuse.errors import FormatError, ObdfuseError
+from obdfuse.errors import CorruptDataError, FormatError, ObdfuseError
 from obdfuse.layers.index import SegmentIndex, merge_stack, overlay
 from obdfuse.layers.sealed import SealedLayer
 from obdfuse.layers.segment import SECTOR, Segments
@@ -248,10 +248,20 @@ class Stack:
         return self.upper
 
     async def _source_read(self, tag: int, moffset: int, count: int) -> bytes:
+        """Exactly `count` sectors of one layer's data, or CorruptDataError: a short
+        result would shift every later byte of a read."""
         if tag == UPPER_TAG:
             assert self.upper is not None
-            return self.upper.read_sectors_sync(moffset, count)
-        return await self.lowers[tag].read_sectors(moffset, count)
+            data = self.upper.read_sectors_sync(moffset, count)
+        else:
+            data = await self.lowers[tag].read_sectors(moffset, count)
+        if len(data) != count * SECTOR:
+            name = self.upper.data_path if tag == UPPER_TAG else self.lowers[tag].name
+            raise CorruptDataError(
+                f"{name}: read of layer data at byte "
+                f"{moffset * SECTOR} returned {len(data)} of {count * SECTOR} bytes"
+            )
+        return data
 
     def _lookup(self, s0: int, s1: int) -> list[Piece]:
         """Data runs covering sectors [s0, s1), top layer first; coalesced per source."""
