@@ -324,3 +324,31 @@ def test_a_short_layer_read_is_an_error_not_shifted_bytes(tmp_path, span):
         await stack.aclose()
 
     trio.run(go)
+
+
+def test_aclose_closes_every_layer_even_when_one_is_cancelled(tmp_path):
+    """A BaseException (trio.Cancelled) from one lower's close must not skip the other
+    lowers or the upper (fd leak)."""
+
+    async def go():
+        stack, _ = await build_stack(tmp_path, [51, 52, 53], ["plain"] * 3)
+        upper = WritableLayer.create(tmp_path / "ud", tmp_path / "ui", SIZE)
+        stack = Stack(stack.lowers, upper)
+        closed = []
+        for i, layer in enumerate(stack.lowers):
+            inner = layer.aclose
+
+            async def aclose(i=i, inner=inner):
+                closed.append(i)
+                await inner()
+                if i == 0:
+                    raise KeyboardInterrupt  # stands for trio.Cancelled: a BaseException
+
+            layer.aclose = aclose
+        with pytest.raises(KeyboardInterrupt):
+            await stack.aclose()
+        assert closed == [0, 1, 2]
+        with pytest.raises(OSError):  # the upper's data fd is closed
+            upper.read_sectors_sync(0, 1)
+
+    trio.run(go)

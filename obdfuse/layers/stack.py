@@ -171,16 +171,9 @@ class Stack:
         return self._alloc_cache[1]
 
     async def aclose(self) -> None:
-        errors: list[BaseException] = []
-        for layer in self.lowers:
-            try:
-                await layer.aclose()
-            except Exception as exc:  # close every layer, report the first failure
-                errors.append(exc)
-        if self.upper is not None:
-            self.upper.close()
-        if errors:
-            raise errors[0]
+        """Close every layer, even if closing one fails or is cancelled; re-raise the
+        first failure."""
+        await _close_all(self.lowers, self.upper)
 
     # ---- whole-disk views (dump, commit of a stack) -------------------------------------
 
@@ -284,6 +277,24 @@ class Stack:
             pieces.sort()
             pieces = _coalesce(pieces)
         return [p for p in pieces if p[2] >= 0]
+
+
+async def _close_all(lowers: list[SealedLayer], upper: WritableLayer | None) -> None:
+    """Close lowers then the upper. A failure of one, even a BaseException such as
+    trio.Cancelled, does not skip the rest; the first one is re-raised at the end."""
+    first: BaseException | None = None
+    for layer in lowers:
+        try:
+            await layer.aclose()
+        except BaseException as exc:  # re-raised below
+            first = first or exc
+    try:
+        if upper is not None:
+            upper.close()
+    except BaseException as exc:  # re-raised below
+        first = first or exc
+    if first is not None:
+        raise first
 
 
 def _collect(
