@@ -72,6 +72,10 @@ async def open_image(
             if rw.virtual_size == 0 and vsize and not rw.read_only:
                 rw.set_virtual_size(vsize)
         stack = Stack(lowers, rw, read_only=read_only)
+        if stack.size == 0:
+            raise FormatError(
+                f"{text}: the image has no virtual size (no layers and no size given)"
+            )
     except BaseException as exc:
         for layer in lowers:
             await layer.aclose()
@@ -80,9 +84,6 @@ async def open_image(
         raise
     if config is not None:
         config.write_result("success")
-    if stack.size == 0:
-        await stack.aclose()
-        raise FormatError(f"{text}: the image has no virtual size (no layers and no size given)")
     return stack
 
 

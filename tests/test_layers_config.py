@@ -141,3 +141,13 @@ def test_result_file_is_replaced_whole(tmp_path, samples):
 async def _open_and_close(cfg):
     stack = await open_image(cfg)
     await stack.aclose()
+
+
+def test_an_image_without_a_size_reports_failure_in_the_result_file(tmp_path):
+    """The size check is part of opening: resultFile must not say success first."""
+    cfg = tmp_path / "config.v1.json"
+    write_config(cfg, {"lowers": [], "resultFile": "result"})
+    with pytest.raises(FormatError, match="no virtual size"):
+        trio.run(open_image, cfg)
+    assert (tmp_path / "result").read_text().startswith("failed:")
+    assert "no virtual size" in (tmp_path / "result").read_text()
