@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +16,7 @@ from obdfuse.blob import FileBlob
 from obdfuse.errors import FormatError
 from obdfuse.layers.config import ImageConfig, load_config
 from obdfuse.layers.sealed import SealedLayer, open_layer
-from obdfuse.layers.stack import Stack
+from obdfuse.layers.stack import Stack, close_layers
 from obdfuse.layers.writable import WritableLayer
 
 if TYPE_CHECKING:
@@ -57,10 +57,10 @@ async def open_image(
         else:
             raise FormatError(f"{text}: not a file (expected a config.v1.json, a layer file "
                               "or an image reference)")
+    rw: WritableLayer | None = None
     try:
         if upper is not None and config_upper is not None:
             raise FormatError(f"{text}: the config names an upper layer; do not pass another")
-        rw: WritableLayer | None = None
         ro = bool(read_only) if read_only is not None else False
         if upper is not None:
             rw = open_upper_dir(Path(upper), lowers, size, read_only=ro)
@@ -77,10 +77,10 @@ async def open_image(
                 f"{text}: the image has no virtual size (no layers and no size given)"
             )
     except BaseException as exc:
-        for layer in lowers:
-            await layer.aclose()
         if config is not None:
             config.write_result(f"failed:{exc}")
+        with suppress(Exception):  # the error being reported matters more
+            await close_layers(lowers, rw)  # the upper too: no fd leak if Stack() raised
         raise
     if config is not None:
         config.write_result("success")

@@ -151,3 +151,40 @@ def test_an_image_without_a_size_reports_failure_in_the_result_file(tmp_path):
         trio.run(open_image, cfg)
     assert (tmp_path / "result").read_text().startswith("failed:")
     assert "no virtual size" in (tmp_path / "result").read_text()
+
+
+@pytest.mark.parametrize("failing", ["Stack", "set_virtual_size"])
+def test_a_failed_open_closes_the_upper(samples, tmp_path, monkeypatch, failing):
+    """If building the stack fails after the upper is open, its files are closed."""
+    import os
+
+    import obdfuse.image
+
+    def boom(*args, **kwargs):
+        raise OSError("boom")
+
+    up = tmp_path / "up"
+    if failing == "set_virtual_size":  # an upper of size 0 gets the lowers' size on open
+        cfg = tmp_path / "config.v1.json"
+        layer = WritableLayer.create(tmp_path / "d", tmp_path / "i", 1 << 20)
+        layer.close()
+        write_config(cfg, {
+            "lowers": [{"file": str(samples / "layers" / "l1.commit")}],
+            "upper": {"data": "d", "index": "i"},
+        })
+        monkeypatch.setattr(WritableLayer, "virtual_size", property(lambda self: 0))
+        monkeypatch.setattr(WritableLayer, "set_virtual_size", boom)
+        spec, kwargs = cfg, {}
+    else:
+        monkeypatch.setattr(obdfuse.image, "Stack", boom)
+        spec, kwargs = samples / "layers" / "l1.commit", {"upper": up}
+
+    def open_fds():
+        return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")}
+
+    before = open_fds()
+    with pytest.raises(OSError, match="boom"):
+        trio.run(lambda: open_image(spec, **kwargs))
+    leaked = {p for p in open_fds() - before if p.startswith(str(tmp_path))}
+    assert not leaked

@@ -173,7 +173,7 @@ class Stack:
     async def aclose(self) -> None:
         """Close every layer, even if closing one fails or is cancelled; re-raise the
         first failure."""
-        await _close_all(self.lowers, self.upper)
+        await close_layers(self.lowers, self.upper)
 
     # ---- whole-disk views (dump, commit of a stack) -------------------------------------
 
@@ -279,7 +279,7 @@ class Stack:
         return [p for p in pieces if p[2] >= 0]
 
 
-async def _close_all(lowers: list[SealedLayer], upper: WritableLayer | None) -> None:
+async def close_layers(lowers: list[SealedLayer], upper: WritableLayer | None) -> None:
     """Close lowers then the upper. A failure of one, even a BaseException such as
     trio.Cancelled, does not skip the rest; the first one is re-raised at the end."""
     first: BaseException | None = None
