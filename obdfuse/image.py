@@ -6,6 +6,7 @@ Dispatch is a list of (predicate, opener) pairs so new kinds of image specs
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
@@ -15,12 +16,15 @@ from typing import TYPE_CHECKING
 from obdfuse.blob import FileBlob
 from obdfuse.errors import FormatError
 from obdfuse.layers.config import ImageConfig, load_config
+from obdfuse.layers.header import SLOT_SIZE
 from obdfuse.layers.sealed import SealedLayer, open_layer
 from obdfuse.layers.stack import Stack, close_layers
 from obdfuse.layers.writable import WritableLayer
 
 if TYPE_CHECKING:
     from obdfuse.remote_image import RemoteOptions
+
+log = logging.getLogger(__name__)
 
 UPPER_DATA = "data"
 UPPER_INDEX = "index"
@@ -93,6 +97,17 @@ def open_upper_dir(
     """Open or create the writable layer kept in directory `path`."""
     data, index = path / UPPER_DATA, path / UPPER_INDEX
     want = size if size is not None else _lowers_vsize(lowers)
+    if _half_created(data, index):
+        if read_only:
+            raise FormatError(f"{path}: the writable layer was never fully created "
+                              "(no data); open it writable once to recreate it")
+        log.warning("%s: recreating a writable layer left half-created (no data)", path)
+        data.unlink(missing_ok=True)
+        index.unlink(missing_ok=True)
+    elif index.exists() and not data.exists():
+        raise FormatError(f"{path}: the writable layer's {UPPER_DATA} file is missing but its "
+                          f"{UPPER_INDEX} holds writes; restore {data}, or remove {index} "
+                          "to start an empty layer")
     if data.exists():
         layer = WritableLayer.open(data, index, read_only=read_only)
         if want and layer.virtual_size != want:
@@ -109,6 +124,22 @@ def open_upper_dir(
     path.mkdir(parents=True, exist_ok=True)
     parent = lowers[-1].uuid if lowers else None
     return WritableLayer.create(data, index, want, parent_uuid=parent)
+
+
+def _half_created(data: Path, index: Path) -> bool:
+    """True for what a crash inside WritableLayer.create leaves: a data file that is
+    missing or empty, beside an index that is missing, empty or a bare header."""
+    try:
+        data_size = data.stat().st_size
+    except FileNotFoundError:
+        data_size = None
+    try:
+        index_size = index.stat().st_size
+    except FileNotFoundError:
+        index_size = None
+    if data_size is None and index_size is None:
+        return False  # nothing there: simply create
+    return not data_size and (index_size is None or index_size <= SLOT_SIZE)
 
 
 def _lowers_vsize(lowers: list[SealedLayer]) -> int:

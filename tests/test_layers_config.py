@@ -188,3 +188,45 @@ def test_a_failed_open_closes_the_upper(samples, tmp_path, monkeypatch, failing)
         trio.run(lambda: open_image(spec, **kwargs))
     leaked = {p for p in open_fds() - before if p.startswith(str(tmp_path))}
     assert not leaked
+
+
+@pytest.mark.parametrize("left", ["index_header_only", "empty_files", "empty_data_only"])
+def test_a_half_created_upper_is_recreated(samples, tmp_path, left):
+    """A crash inside create leaves an upper without data: the next open recreates it."""
+    up = tmp_path / "up"
+    layer = WritableLayer.create(tmp_path / "d", tmp_path / "i", 1 << 30)
+    layer.close()
+    up.mkdir()
+    if left == "index_header_only":
+        (up / "index").write_bytes((tmp_path / "i").read_bytes())
+    elif left == "empty_files":
+        (up / "index").write_bytes(b"")
+        (up / "data").write_bytes(b"")
+    else:
+        (up / "data").write_bytes(b"")
+
+    async def go():
+        stack = await open_image(samples / "layers" / "l1.commit", upper=up)
+        await stack.pwrite(0, b"x" * 512)
+        await stack.aclose()
+        stack = await open_image(samples / "layers" / "l1.commit", upper=up)
+        assert await stack.pread(0, 512) == b"x" * 512
+        await stack.aclose()
+
+    trio.run(go)
+
+
+def test_an_upper_whose_data_is_missing_gets_a_clear_error(samples, tmp_path):
+    up = tmp_path / "up"
+
+    async def go():
+        stack = await open_image(samples / "layers" / "l1.commit", upper=up)
+        for i in range(20):
+            await stack.pwrite(i * 4096, b"x" * 4096)
+        await stack.aclose()
+
+    trio.run(go)
+    assert (up / "index").stat().st_size > 4096
+    (up / "data").unlink()
+    with pytest.raises(FormatError, match=r"data file is missing .* restore"):
+        trio.run(lambda: open_image(samples / "layers" / "l1.commit", upper=up))
