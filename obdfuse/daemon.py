@@ -334,12 +334,22 @@ def _single_cause(exc: Exception) -> Exception:
     return exc
 
 
-def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: float) -> int:
+EXIT_TIMEOUT = 30.0  # how long a failed daemon may take to clean up before it is killed
+
+
+def daemonize(
+    child: Callable[[Readiness], int],
+    *,
+    log_file: Path,
+    timeout: float,
+    exit_timeout: float = EXIT_TIMEOUT,
+) -> int:
     """Fork a session-leader daemon running `child`; return its pid once it is ready.
 
     The daemon's stdin is /dev/null and its stdout/stderr go to `log_file`, so
     whoever ran `obdfuse mount` gets its terminal (and pipes) back. Raises
-    ObdfuseError with the daemon's reason if it fails or is not ready in time.
+    ObdfuseError with the daemon's reason if it fails or is not ready in time; a
+    failed daemon gets `exit_timeout` seconds to exit before it is killed.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
@@ -370,17 +380,48 @@ def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: flo
     if line == "READY":
         return pid
     if line.startswith("ERROR "):
-        os.waitpid(pid, 0)
-        raise ObdfuseError(line[len("ERROR ") :])
+        killed = _reap_or_kill(pid, exit_timeout) is None
+        raise ObdfuseError(line[len("ERROR ") :] + _killed_note(pid, killed, exit_timeout))
     if line == "":
-        _, status = os.waitpid(pid, 0)
+        status = _reap_or_kill(pid, exit_timeout)
+        how = "closed its pipe" if status is None else f"exited (status {status})"
         raise ObdfuseError(
-            f"the mount daemon exited before the mount was ready (status {status}); see {log_file}"
+            f"the mount daemon {how} before the mount was ready; see {log_file}"
+            + _killed_note(pid, status is None, exit_timeout)
         )
     os.kill(pid, signal.SIGTERM)
     raise ObdfuseError(
         f"the mount daemon (pid {pid}) was not ready within {timeout} s; stopped it, see {log_file}"
     )
+
+
+def _wait_exit(pid: int, timeout: float) -> int | None:
+    """Reap child `pid` within `timeout` seconds: its wait status, or None if it still runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
+def _reap_or_kill(pid: int, timeout: float) -> int | None:
+    """Wait for child `pid` to exit; after `timeout` s SIGKILL and reap it. Its wait
+    status, or None if it had to be killed."""
+    status = _wait_exit(pid, timeout)
+    if status is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_exit(pid, 10.0)  # a process in uninterruptible sleep may take a moment
+    return status
+
+
+def _killed_note(pid: int, killed: bool, timeout: float) -> str:
+    if not killed:
+        return ""
+    return f" (the daemon, pid {pid}, did not exit within {timeout:g} s; killed it)"
 
 
 def _read_line(fd: int, timeout: float) -> str:
