@@ -30,7 +30,7 @@ from obdfuse import runstate
 from obdfuse.device import BlockDevice
 from obdfuse.errors import ObdfuseError
 from obdfuse.fs import IMAGE_NAME, ImageFS
-from obdfuse.mountpoint import check_fuse_device, check_mountpoint
+from obdfuse.mountpoint import FSTYPE, check_fuse_device, check_mountpoint, fuse_unmount, mounts
 from obdfuse.sd_notify import sd_notify
 
 log = logging.getLogger("obdfuse.daemon")
@@ -343,13 +343,15 @@ def daemonize(
     log_file: Path,
     timeout: float,
     exit_timeout: float = EXIT_TIMEOUT,
+    mountpoint: Path | None = None,
 ) -> int:
     """Fork a session-leader daemon running `child`; return its pid once it is ready.
 
     The daemon's stdin is /dev/null and its stdout/stderr go to `log_file`, so
     whoever ran `obdfuse mount` gets its terminal (and pipes) back. Raises
     ObdfuseError with the daemon's reason if it fails or is not ready in time; a
-    failed daemon gets `exit_timeout` seconds to exit before it is killed.
+    failed daemon gets `exit_timeout` seconds to exit before it is killed, and a mount
+    it leaves at `mountpoint` is detached: a failed command leaves nothing mounted.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
@@ -389,10 +391,28 @@ def daemonize(
             f"the mount daemon {how} before the mount was ready; see {log_file}"
             + _killed_note(pid, status is None, exit_timeout)
         )
-    os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    killed = _reap_or_kill(pid, exit_timeout) is None
+    how = f"killed it after {exit_timeout:g} s more" if killed else "stopped it"
+    if mountpoint is not None and _detach_stale_mount(mountpoint):
+        how += f" and detached its mount at {mountpoint}"
     raise ObdfuseError(
-        f"the mount daemon (pid {pid}) was not ready within {timeout} s; stopped it, see {log_file}"
+        f"the mount daemon (pid {pid}) was not ready within {timeout:g} s; {how}; see {log_file}"
     )
+
+
+def _detach_stale_mount(mountpoint: Path) -> bool:
+    """Lazily unmount an obdfuse mount left at `mountpoint` by a killed daemon."""
+    path = os.path.abspath(mountpoint)
+    if mounts().get(path) != FSTYPE:
+        return False
+    try:
+        fuse_unmount(path, lazy=True)
+    except ObdfuseError as exc:
+        log.warning("%s", exc)
+        return False
+    return True
 
 
 def _wait_exit(pid: int, timeout: float) -> int | None:

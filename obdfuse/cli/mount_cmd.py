@@ -147,7 +147,7 @@ def mount(
 
     if foreground:
         raise SystemExit(serve(StderrReadiness()))
-    daemonize(serve, log_file=log_path, timeout=timeout)
+    daemonize(serve, log_file=log_path, timeout=timeout, mountpoint=mountpoint)
 
 
 def _trace_service(image: str, mountpoint: Path, raw: str | None, record: Path | None,
