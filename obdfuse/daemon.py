@@ -180,6 +180,7 @@ async def _wait_until_live(fs: ImageFS, settings: MountSettings) -> None:
 @dataclass
 class _Shutdown:
     requested_by: str | None = None  # the signal name, when we unmount ourselves
+    flush_timed_out: bool = False  # the signal's flush gave up: do not wait for it again
 
 
 async def _run_fuse_loop(settings: MountSettings, done: trio.CancelScope) -> None:
@@ -187,10 +188,18 @@ async def _run_fuse_loop(settings: MountSettings, done: trio.CancelScope) -> Non
     done.cancel()
 
 
+FLUSH_TIMEOUT = 120.0  # seconds a flush at shutdown may take
+
+
 async def _flush(device: BlockDevice) -> None:
     if not device.read_only:
-        with trio.fail_after(120):
-            await device.flush()
+        try:
+            with trio.fail_after(FLUSH_TIMEOUT):
+                await device.flush()
+        except trio.TooSlowError:
+            raise ObdfuseError(
+                f"the flush did not finish within {FLUSH_TIMEOUT:g} s; unmounted without it"
+            ) from None
 
 
 async def _await_stop_signal(
@@ -208,7 +217,11 @@ async def _await_stop_signal(
                 "I/O errors once unmounted",
                 fs.open_handles,
             )
-        await _flush(fs.device)
+        try:
+            await _flush(fs.device)
+        except ObdfuseError:
+            shutdown.flush_timed_out = True
+            raise
         pyfuse3.terminate()
         return
 
@@ -296,8 +309,9 @@ async def _serve_mounted(
             sd_notify("STOPPING=1")
     finally:
         try:
-            with trio.CancelScope(shield=True):
-                await _flush(fs.device)
+            if not shutdown.flush_timed_out:  # one flush deadline, not two, before unmount
+                with trio.CancelScope(shield=True):
+                    await _flush(fs.device)
         finally:
             pyfuse3.close(unmount=unmount)
             if record is not None:
