@@ -30,7 +30,7 @@ from obdfuse import runstate
 from obdfuse.device import BlockDevice
 from obdfuse.errors import ObdfuseError
 from obdfuse.fs import IMAGE_NAME, ImageFS
-from obdfuse.mountpoint import check_fuse_device, check_mountpoint
+from obdfuse.mountpoint import FSTYPE, check_fuse_device, check_mountpoint, fuse_unmount, mounts
 from obdfuse.sd_notify import sd_notify
 
 log = logging.getLogger("obdfuse.daemon")
@@ -180,6 +180,7 @@ async def _wait_until_live(fs: ImageFS, settings: MountSettings) -> None:
 @dataclass
 class _Shutdown:
     requested_by: str | None = None  # the signal name, when we unmount ourselves
+    flush_timed_out: bool = False  # the signal's flush gave up: do not wait for it again
 
 
 async def _run_fuse_loop(settings: MountSettings, done: trio.CancelScope) -> None:
@@ -187,10 +188,18 @@ async def _run_fuse_loop(settings: MountSettings, done: trio.CancelScope) -> Non
     done.cancel()
 
 
+FLUSH_TIMEOUT = 120.0  # seconds a flush at shutdown may take
+
+
 async def _flush(device: BlockDevice) -> None:
     if not device.read_only:
-        with trio.fail_after(120):
-            await device.flush()
+        try:
+            with trio.fail_after(FLUSH_TIMEOUT):
+                await device.flush()
+        except trio.TooSlowError:
+            raise ObdfuseError(
+                f"the flush did not finish within {FLUSH_TIMEOUT:g} s; unmounted without it"
+            ) from None
 
 
 async def _await_stop_signal(
@@ -208,7 +217,11 @@ async def _await_stop_signal(
                 "I/O errors once unmounted",
                 fs.open_handles,
             )
-        await _flush(fs.device)
+        try:
+            await _flush(fs.device)
+        except ObdfuseError:
+            shutdown.flush_timed_out = True
+            raise
         pyfuse3.terminate()
         return
 
@@ -296,8 +309,9 @@ async def _serve_mounted(
             sd_notify("STOPPING=1")
     finally:
         try:
-            with trio.CancelScope(shield=True):
-                await _flush(fs.device)
+            if not shutdown.flush_timed_out:  # one flush deadline, not two, before unmount
+                with trio.CancelScope(shield=True):
+                    await _flush(fs.device)
         finally:
             pyfuse3.close(unmount=unmount)
             if record is not None:
@@ -334,12 +348,24 @@ def _single_cause(exc: Exception) -> Exception:
     return exc
 
 
-def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: float) -> int:
+EXIT_TIMEOUT = 30.0  # how long a failed daemon may take to clean up before it is killed
+
+
+def daemonize(
+    child: Callable[[Readiness], int],
+    *,
+    log_file: Path,
+    timeout: float,
+    exit_timeout: float = EXIT_TIMEOUT,
+    mountpoint: Path | None = None,
+) -> int:
     """Fork a session-leader daemon running `child`; return its pid once it is ready.
 
     The daemon's stdin is /dev/null and its stdout/stderr go to `log_file`, so
     whoever ran `obdfuse mount` gets its terminal (and pipes) back. Raises
-    ObdfuseError with the daemon's reason if it fails or is not ready in time.
+    ObdfuseError with the daemon's reason if it fails or is not ready in time; a
+    failed daemon gets `exit_timeout` seconds to exit before it is killed, and a mount
+    it leaves at `mountpoint` is detached: a failed command leaves nothing mounted.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
@@ -370,17 +396,66 @@ def daemonize(child: Callable[[Readiness], int], *, log_file: Path, timeout: flo
     if line == "READY":
         return pid
     if line.startswith("ERROR "):
-        os.waitpid(pid, 0)
-        raise ObdfuseError(line[len("ERROR ") :])
+        killed = _reap_or_kill(pid, exit_timeout) is None
+        raise ObdfuseError(line[len("ERROR ") :] + _killed_note(pid, killed, exit_timeout))
     if line == "":
-        _, status = os.waitpid(pid, 0)
+        status = _reap_or_kill(pid, exit_timeout)
+        how = "closed its pipe" if status is None else f"exited (status {status})"
         raise ObdfuseError(
-            f"the mount daemon exited before the mount was ready (status {status}); see {log_file}"
+            f"the mount daemon {how} before the mount was ready; see {log_file}"
+            + _killed_note(pid, status is None, exit_timeout)
         )
-    os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    killed = _reap_or_kill(pid, exit_timeout) is None
+    how = f"killed it after {exit_timeout:g} s more" if killed else "stopped it"
+    if mountpoint is not None and _detach_stale_mount(mountpoint):
+        how += f" and detached its mount at {mountpoint}"
     raise ObdfuseError(
-        f"the mount daemon (pid {pid}) was not ready within {timeout} s; stopped it, see {log_file}"
+        f"the mount daemon (pid {pid}) was not ready within {timeout:g} s; {how}; see {log_file}"
     )
+
+
+def _detach_stale_mount(mountpoint: Path) -> bool:
+    """Lazily unmount an obdfuse mount left at `mountpoint` by a killed daemon."""
+    path = os.path.abspath(mountpoint)
+    if mounts().get(path) != FSTYPE:
+        return False
+    try:
+        fuse_unmount(path, lazy=True)
+    except ObdfuseError as exc:
+        log.warning("%s", exc)
+        return False
+    return True
+
+
+def _wait_exit(pid: int, timeout: float) -> int | None:
+    """Reap child `pid` within `timeout` seconds: its wait status, or None if it still runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
+def _reap_or_kill(pid: int, timeout: float) -> int | None:
+    """Wait for child `pid` to exit; after `timeout` s SIGKILL and reap it. Its wait
+    status, or None if it had to be killed."""
+    status = _wait_exit(pid, timeout)
+    if status is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_exit(pid, 10.0)  # a process in uninterruptible sleep may take a moment
+    return status
+
+
+def _killed_note(pid: int, killed: bool, timeout: float) -> str:
+    if not killed:
+        return ""
+    return f" (the daemon, pid {pid}, did not exit within {timeout:g} s; killed it)"
 
 
 def _read_line(fd: int, timeout: float) -> str:

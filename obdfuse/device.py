@@ -21,8 +21,9 @@ class BlockDevice(Protocol):
 
     Reads of unmapped ranges return zeros. `pwrite`/`discard` raise
     PermissionError on a read-only device. `flush` makes every completed write
-    durable. Offsets need not be sector-aligned for reads; writes may require
-    512-byte alignment (front ends always send whole sectors).
+    durable. Offsets and lengths need not be sector-aligned: a device whose storage
+    works in sectors does the read-modify-write of partial ones itself, serialised
+    with all its writes, as several front ends (FUSE and iSCSI) may share it.
     """
 
     @property

@@ -144,8 +144,6 @@ class ImageFS(pyfuse3.Operations):
         self._image_opens = 0
         # Unknown after a takeover: the first fsync always reaches the device.
         self._dirty = not device.read_only
-        self._rmw_lock = trio.Lock()
-        self._rmw_active = 0  # read-modify-writes running or waiting for the lock
         self._flush_lock = trio.Lock()
         self._started_ns = time.time_ns()
         self._mtime_ns = self._started_ns
@@ -318,37 +316,16 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)
         if off + len(buf) > end:
             buf = buf[: end - off]  # a short write; the kernel reports it
+        # Partial sectors are the device's business: it serialises its read-modify-write
+        # with every writer (FUSE and an iSCSI target may share it), which we cannot.
+        await self.device.pwrite(off, buf)
         if off % SECTOR or len(buf) % SECTOR:
-            await self._write_unaligned(off, buf)
-        elif self._rmw_active:  # must not land between a read-modify-write's read and write
-            async with self._rmw_lock:
-                await self.device.pwrite(off, buf)
-        else:
-            await self.device.pwrite(off, buf)
+            self.counters.unaligned_writes += 1
         self._dirty = True
         self._mtime_ns = time.time_ns()
         self.counters.writes += 1
         self.counters.bytes_written += len(buf)
         return len(buf)
-
-    async def _write_unaligned(self, off: int, buf: bytes) -> None:
-        """Read-modify-write the whole sectors around an unaligned write.
-
-        Serialised with every other write while it runs, so no write (unaligned, or an
-        aligned one covering the same sectors) can land between its read and its write
-        and be undone by it.
-        """
-        start = off - off % SECTOR
-        stop = min(self.device.size, -(-(off + len(buf)) // SECTOR) * SECTOR)
-        self._rmw_active += 1
-        try:
-            async with self._rmw_lock:
-                block = bytearray(await self.device.pread(start, stop - start))
-                block[off - start : off - start + len(buf)] = buf
-                await self.device.pwrite(start, bytes(block))
-        finally:
-            self._rmw_active -= 1
-        self.counters.unaligned_writes += 1
 
     @_errno_boundary
     async def flush(self, fh: int) -> None:

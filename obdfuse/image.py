@@ -6,21 +6,25 @@ Dispatch is a list of (predicate, opener) pairs so new kinds of image specs
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from obdfuse.blob import FileBlob
 from obdfuse.errors import FormatError
 from obdfuse.layers.config import ImageConfig, load_config
+from obdfuse.layers.header import SLOT_SIZE
 from obdfuse.layers.sealed import SealedLayer, open_layer
-from obdfuse.layers.stack import Stack
+from obdfuse.layers.stack import Stack, close_layers
 from obdfuse.layers.writable import WritableLayer
 
 if TYPE_CHECKING:
     from obdfuse.remote_image import RemoteOptions
+
+log = logging.getLogger(__name__)
 
 UPPER_DATA = "data"
 UPPER_INDEX = "index"
@@ -57,10 +61,10 @@ async def open_image(
         else:
             raise FormatError(f"{text}: not a file (expected a config.v1.json, a layer file "
                               "or an image reference)")
+    rw: WritableLayer | None = None
     try:
         if upper is not None and config_upper is not None:
             raise FormatError(f"{text}: the config names an upper layer; do not pass another")
-        rw: WritableLayer | None = None
         ro = bool(read_only) if read_only is not None else False
         if upper is not None:
             rw = open_upper_dir(Path(upper), lowers, size, read_only=ro)
@@ -72,17 +76,18 @@ async def open_image(
             if rw.virtual_size == 0 and vsize and not rw.read_only:
                 rw.set_virtual_size(vsize)
         stack = Stack(lowers, rw, read_only=read_only)
+        if stack.size == 0:
+            raise FormatError(
+                f"{text}: the image has no virtual size (no layers and no size given)"
+            )
     except BaseException as exc:
-        for layer in lowers:
-            await layer.aclose()
         if config is not None:
             config.write_result(f"failed:{exc}")
+        with suppress(Exception):  # the error being reported matters more
+            await close_layers(lowers, rw)  # the upper too: no fd leak if Stack() raised
         raise
     if config is not None:
         config.write_result("success")
-    if stack.size == 0:
-        await stack.aclose()
-        raise FormatError(f"{text}: the image has no virtual size (no layers and no size given)")
     return stack
 
 
@@ -92,6 +97,17 @@ def open_upper_dir(
     """Open or create the writable layer kept in directory `path`."""
     data, index = path / UPPER_DATA, path / UPPER_INDEX
     want = size if size is not None else _lowers_vsize(lowers)
+    if _half_created(data, index):
+        if read_only:
+            raise FormatError(f"{path}: the writable layer was never fully created "
+                              "(no data); open it writable once to recreate it")
+        log.warning("%s: recreating a writable layer left half-created (no data)", path)
+        data.unlink(missing_ok=True)
+        index.unlink(missing_ok=True)
+    elif index.exists() and not data.exists():
+        raise FormatError(f"{path}: the writable layer's {UPPER_DATA} file is missing but its "
+                          f"{UPPER_INDEX} holds writes; restore {data}, or remove {index} "
+                          "to start an empty layer")
     if data.exists():
         layer = WritableLayer.open(data, index, read_only=read_only)
         if want and layer.virtual_size != want:
@@ -108,6 +124,22 @@ def open_upper_dir(
     path.mkdir(parents=True, exist_ok=True)
     parent = lowers[-1].uuid if lowers else None
     return WritableLayer.create(data, index, want, parent_uuid=parent)
+
+
+def _half_created(data: Path, index: Path) -> bool:
+    """True for what a crash inside WritableLayer.create leaves: a data file that is
+    missing or empty, beside an index that is missing, empty or a bare header."""
+    try:
+        data_size = data.stat().st_size
+    except FileNotFoundError:
+        data_size = None
+    try:
+        index_size = index.stat().st_size
+    except FileNotFoundError:
+        index_size = None
+    if data_size is None and index_size is None:
+        return False  # nothing there: simply create
+    return not data_size and (index_size is None or index_size <= SLOT_SIZE)
 
 
 def _lowers_vsize(lowers: list[SealedLayer]) -> int:

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import trio
 
-from obdfuse.daemon import MountSettings, StderrReadiness, run, serve
+from obdfuse.daemon import MountSettings, StderrReadiness, _single_cause, run, serve
 from obdfuse.device import RawFileDevice
 from obdfuse.errors import ObdfuseError
 
@@ -103,3 +103,45 @@ def test_a_failing_service_stops_the_mount_with_its_own_message(tmp_path, caplog
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["iscsi: port 3260 in use"]
     assert not os.path.ismount(mountpoint)
+
+
+def test_a_flush_that_times_out_on_sigterm_is_not_waited_for_twice(tmp_path, monkeypatch):
+    """SIGTERM's flush hit its deadline: unmount now, not after a second full deadline."""
+    import obdfuse.daemon
+
+    monkeypatch.setattr(obdfuse.daemon, "FLUSH_TIMEOUT", 1.0)
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    mountpoint = tmp_path / "mp"
+    mountpoint.mkdir()
+    flushes = []
+
+    class HangingFlush(RawFileDevice):
+        async def flush(self) -> None:
+            flushes.append(trio.current_time())
+            await trio.sleep_forever()
+
+    async def open_device():
+        return HangingFlush(disk, read_only=False)
+
+    async def stop(device) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await trio.sleep_forever()
+
+    settings = MountSettings(mountpoint=mountpoint, image="x", services=[stop], ready_timeout=20)
+
+    async def main() -> float:
+        with trio.fail_after(30), pytest.raises(ObdfuseError, match="flush did not finish"):
+            try:
+                await serve(open_device, settings, StderrReadiness())
+            except ExceptionGroup as group:
+                raise _single_cause(group) from None
+        return trio.current_time() - flushes[0]
+
+    try:
+        elapsed = trio.run(main)
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    assert len(flushes) == 1
+    assert elapsed < 1.9  # one deadline of 1 s, not two

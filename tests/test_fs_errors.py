@@ -10,10 +10,14 @@ import os
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from obdfuse.device import RawFileDevice
 from obdfuse.errors import CorruptDataError, RemoteError
 from obdfuse.fs import IMAGE_INODE, ROOT_INODE, STAT_INODE, ImageFS
+from obdfuse.layers.stack import Stack
+from obdfuse.layers.writable import WritableLayer
+from tests.support.layers import commit_to
 
 
 class FailingDevice:
@@ -177,38 +181,66 @@ def test_an_fsync_never_returns_before_the_flush_in_flight_is_done():
     assert device.flushes == 1  # the second fsync had nothing new to flush
 
 
-class SlowReadMemoryDevice(FailingDevice):
-    """A writable in-memory disk whose reads yield to other tasks (like a thread or network)."""
+class SlowBlob:
+    """A Blob whose reads yield to other tasks first (like a thread or the network)."""
 
-    read_only = False
-
-    def __init__(self) -> None:
-        super().__init__(OSError(errno.EIO, "unused"))
-        self.disk = bytearray(self.size)
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.size = inner, inner.name, inner.size
 
     async def pread(self, offset: int, length: int) -> bytes:
-        data = bytes(self.disk[offset : offset + length])
         await trio.sleep(0.02)
-        return data
+        return await self.inner.pread(offset, length)
 
-    async def pwrite(self, offset: int, data: bytes) -> None:
-        assert offset % 512 == 0 and len(data) % 512 == 0
-        self.disk[offset : offset + len(data)] = data
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
-def test_an_aligned_write_is_not_undone_by_a_concurrent_read_modify_write():
-    device = SlowReadMemoryDevice()
-    fs = ImageFS(device)
+async def slow_writable_stack(tmp_path) -> Stack:
+    """A writable Stack over a lower whose reads are slow (so a read-modify-write yields)."""
+    base = WritableLayer.create(tmp_path / "bd", tmp_path / "bi", 1 << 20)
+    base.write(0, b"o" * 4096)
+    lower = await commit_to(base, tmp_path / "lower")
+    base.close()
+    lower.blob = SlowBlob(lower.blob)
+    return Stack([lower], WritableLayer.create(tmp_path / "ud", tmp_path / "ui", 1 << 20))
 
-    async def go() -> None:
+
+def test_an_aligned_write_is_not_undone_by_a_concurrent_read_modify_write(tmp_path):
+    async def go() -> bytes:
+        device = await slow_writable_stack(tmp_path)
+        fs = ImageFS(device)
         info = await fs.open(IMAGE_INODE, os.O_RDWR, None)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fs.write, info.fh, 10, b"u" * 10)  # RMW of sector 0
             await trio.sleep(0.005)  # ... which is now waiting for its read
             nursery.start_soon(fs.write, info.fh, 0, b"w" * 512)  # all of sector 0
         await fs.release(info.fh)
+        sector = await device.pread(0, 512)
+        await device.aclose()
+        return sector
 
-    trio.run(go)
-    sector = bytes(device.disk[:512])
-    # Either order is fine; a mix with the sector's old bytes (zeros) is not.
+    sector = trio.run(go)
+    # Either order is fine; a mix with the sector's old bytes is not.
     assert sector in (b"w" * 512, b"w" * 10 + b"u" * 10 + b"w" * 492), sector[:32]
+
+
+def test_a_fuse_read_modify_write_does_not_undo_a_concurrent_iscsi_write(tmp_path):
+    """FUSE and iSCSI (`mount --iscsi`) write to one Stack: a FUSE read-modify-write must
+    be serialised with the iSCSI target's aligned writes too, so the device owns it."""
+
+    async def go() -> bytes:
+        device = await slow_writable_stack(tmp_path)
+        fs = ImageFS(device)
+        info = await fs.open(IMAGE_INODE, os.O_RDWR, None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.write, info.fh, 10, b"u" * 10)  # RMW of sector 0
+            await trio.testing.wait_all_tasks_blocked()  # ... now waiting for its read
+            await device.pwrite(0, b"i" * 512)  # what the iSCSI target does: whole sectors
+        await fs.release(info.fh)
+        sector = await device.pread(0, 512)
+        await device.aclose()
+        return sector
+
+    sector = trio.run(go)
+    # The iSCSI write came second: the stale read-modify-write must not undo it.
+    assert sector == b"i" * 512, sector[:32]

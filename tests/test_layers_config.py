@@ -141,3 +141,92 @@ def test_result_file_is_replaced_whole(tmp_path, samples):
 async def _open_and_close(cfg):
     stack = await open_image(cfg)
     await stack.aclose()
+
+
+def test_an_image_without_a_size_reports_failure_in_the_result_file(tmp_path):
+    """The size check is part of opening: resultFile must not say success first."""
+    cfg = tmp_path / "config.v1.json"
+    write_config(cfg, {"lowers": [], "resultFile": "result"})
+    with pytest.raises(FormatError, match="no virtual size"):
+        trio.run(open_image, cfg)
+    assert (tmp_path / "result").read_text().startswith("failed:")
+    assert "no virtual size" in (tmp_path / "result").read_text()
+
+
+@pytest.mark.parametrize("failing", ["Stack", "set_virtual_size"])
+def test_a_failed_open_closes_the_upper(samples, tmp_path, monkeypatch, failing):
+    """If building the stack fails after the upper is open, its files are closed."""
+    import os
+
+    import obdfuse.image
+
+    def boom(*args, **kwargs):
+        raise OSError("boom")
+
+    up = tmp_path / "up"
+    if failing == "set_virtual_size":  # an upper of size 0 gets the lowers' size on open
+        cfg = tmp_path / "config.v1.json"
+        layer = WritableLayer.create(tmp_path / "d", tmp_path / "i", 1 << 20)
+        layer.close()
+        write_config(cfg, {
+            "lowers": [{"file": str(samples / "layers" / "l1.commit")}],
+            "upper": {"data": "d", "index": "i"},
+        })
+        monkeypatch.setattr(WritableLayer, "virtual_size", property(lambda self: 0))
+        monkeypatch.setattr(WritableLayer, "set_virtual_size", boom)
+        spec, kwargs = cfg, {}
+    else:
+        monkeypatch.setattr(obdfuse.image, "Stack", boom)
+        spec, kwargs = samples / "layers" / "l1.commit", {"upper": up}
+
+    def open_fds():
+        return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")}
+
+    before = open_fds()
+    with pytest.raises(OSError, match="boom"):
+        trio.run(lambda: open_image(spec, **kwargs))
+    leaked = {p for p in open_fds() - before if p.startswith(str(tmp_path))}
+    assert not leaked
+
+
+@pytest.mark.parametrize("left", ["index_header_only", "empty_files", "empty_data_only"])
+def test_a_half_created_upper_is_recreated(samples, tmp_path, left):
+    """A crash inside create leaves an upper without data: the next open recreates it."""
+    up = tmp_path / "up"
+    layer = WritableLayer.create(tmp_path / "d", tmp_path / "i", 1 << 30)
+    layer.close()
+    up.mkdir()
+    if left == "index_header_only":
+        (up / "index").write_bytes((tmp_path / "i").read_bytes())
+    elif left == "empty_files":
+        (up / "index").write_bytes(b"")
+        (up / "data").write_bytes(b"")
+    else:
+        (up / "data").write_bytes(b"")
+
+    async def go():
+        stack = await open_image(samples / "layers" / "l1.commit", upper=up)
+        await stack.pwrite(0, b"x" * 512)
+        await stack.aclose()
+        stack = await open_image(samples / "layers" / "l1.commit", upper=up)
+        assert await stack.pread(0, 512) == b"x" * 512
+        await stack.aclose()
+
+    trio.run(go)
+
+
+def test_an_upper_whose_data_is_missing_gets_a_clear_error(samples, tmp_path):
+    up = tmp_path / "up"
+
+    async def go():
+        stack = await open_image(samples / "layers" / "l1.commit", upper=up)
+        for i in range(20):
+            await stack.pwrite(i * 4096, b"x" * 4096)
+        await stack.aclose()
+
+    trio.run(go)
+    assert (up / "index").stat().st_size > 4096
+    (up / "data").unlink()
+    with pytest.raises(FormatError, match=r"data file is missing .* restore"):
+        trio.run(lambda: open_image(samples / "layers" / "l1.commit", upper=up))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from obdfuse.blob import FileBlob
 from obdfuse.device import BlockDevice
+from obdfuse.errors import CorruptDataError
 from obdfuse.layers.commit import CommitOptions, commit_layer
 from obdfuse.layers.sealed import open_layer
 from obdfuse.layers.segment import decode
@@ -295,3 +296,59 @@ def test_sparse_uppers_over_lowers_after_reopen(seeds):
 
     with tempfile.TemporaryDirectory() as tmp:
         trio.run(go, Path(tmp))
+
+
+@pytest.mark.parametrize("span", ["one_run", "several_runs"])
+def test_a_short_layer_read_is_an_error_not_shifted_bytes(tmp_path, span):
+    """A source read returning fewer bytes than asked must raise, never return short or
+    shifted data (one-run fast path and the multi-run buffer alike)."""
+
+    async def go():
+        stack, _ = await build_stack(tmp_path, [41, 42], ["plain"] * 2)
+        for layer in stack.lowers:
+            inner = layer.read_sectors
+
+            async def short(moffset, count, inner=inner):
+                return (await inner(moffset, count))[:-1]
+
+            layer.read_sectors = short
+        runs = stack._lookup(0, SIZE // 512)
+        if span == "one_run":
+            start, count, _, _ = runs[0]
+            offset, length = start * 512, count * 512
+        else:
+            offset, length = 0, SIZE
+            assert len(runs) > 1
+        with pytest.raises(CorruptDataError, match="returned"):
+            await stack.pread(offset, length)
+        await stack.aclose()
+
+    trio.run(go)
+
+
+def test_aclose_closes_every_layer_even_when_one_is_cancelled(tmp_path):
+    """A BaseException (trio.Cancelled) from one lower's close must not skip the other
+    lowers or the upper (fd leak)."""
+
+    async def go():
+        stack, _ = await build_stack(tmp_path, [51, 52, 53], ["plain"] * 3)
+        upper = WritableLayer.create(tmp_path / "ud", tmp_path / "ui", SIZE)
+        stack = Stack(stack.lowers, upper)
+        closed = []
+        for i, layer in enumerate(stack.lowers):
+            inner = layer.aclose
+
+            async def aclose(i=i, inner=inner):
+                closed.append(i)
+                await inner()
+                if i == 0:
+                    raise KeyboardInterrupt  # stands for trio.Cancelled: a BaseException
+
+            layer.aclose = aclose
+        with pytest.raises(KeyboardInterrupt):
+            await stack.aclose()
+        assert closed == [0, 1, 2]
+        with pytest.raises(OSError):  # the upper's data fd is closed
+            upper.read_sectors_sync(0, 1)
+
+    trio.run(go)

@@ -263,3 +263,18 @@ def test_size_without_upper_is_a_usage_error(mounts, tmp_path, ext4_raw):
     (tmp_path / "mp").mkdir()
     proc = mounts.obdfuse("mount", "--size", "1G", str(image), str(tmp_path / "mp"))
     assert proc.returncode == 2 and "--size" in proc.stderr and "--upper" in proc.stderr
+
+
+def test_umount_timeout_also_bounds_a_hung_fusermount(mounts, tmp_path, ext4_raw):
+    """`umount --timeout` bounds the fusermount3 call too, not only the daemon's exit."""
+    image, _ = ext4_raw
+    m = mounts.mount(image, "--raw", "ro")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "fusermount3").write_text("#!/bin/sh\nexec sleep 60\n")
+    (bin_dir / "fusermount3").chmod(0o755)
+    proc = mounts.obdfuse("umount", "--timeout", "1", str(m.mountpoint),
+                          PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert proc.returncode == 1
+    assert "did not finish within 1 s" in proc.stderr, proc.stderr
+    assert m.umount().returncode == 0  # the real fusermount3 still works

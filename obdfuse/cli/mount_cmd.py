@@ -151,7 +151,7 @@ def mount(
 
     if foreground:
         raise SystemExit(serve(StderrReadiness()))
-    daemonize(serve, log_file=log_path, timeout=timeout)
+    daemonize(serve, log_file=log_path, timeout=timeout, mountpoint=mountpoint)
 
 
 def _trace_service(image: str, mountpoint: Path, raw: str | None, record: Path | None,
@@ -191,7 +191,7 @@ def _is_config_file(image: str) -> bool:
 
 @click.command()
 @click.option("--timeout", type=float, default=60.0, show_default=True,
-              help="Seconds to wait for the daemon to flush and exit.")
+              help="Seconds to wait for the unmount, and for the daemon to flush and exit.")
 @click.option("--lazy", "-l", is_flag=True,
               help="Detach even if the image is still in use (it then fails with I/O errors).")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
@@ -207,7 +207,7 @@ def umount(mountpoint: Path, timeout: float, lazy: bool) -> None:
         record = _record_from_stat_file(mountpoint)
     daemon_alive = record is not None and record.alive()
     if mounted:
-        fuse_unmount(mountpoint, lazy=lazy)
+        fuse_unmount(mountpoint, lazy=lazy, timeout=timeout)
     elif not daemon_alive:
         raise ObdfuseError(f"{mountpoint} is not mounted")
     if record is not None and daemon_alive and not record.wait_exit(timeout):

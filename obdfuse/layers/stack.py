@@ -18,7 +18,7 @@ import numpy as np
 import trio
 
 from obdfuse.blob import clamp
-from obdfuse.errors import FormatError, ObdfuseError
+from obdfuse.errors import CorruptDataError, FormatError, ObdfuseError
 from obdfuse.layers.index import SegmentIndex, merge_stack, overlay
 from obdfuse.layers.sealed import SealedLayer
 from obdfuse.layers.segment import SECTOR, Segments
@@ -171,16 +171,9 @@ class Stack:
         return self._alloc_cache[1]
 
     async def aclose(self) -> None:
-        errors: list[BaseException] = []
-        for layer in self.lowers:
-            try:
-                await layer.aclose()
-            except Exception as exc:  # close every layer, report the first failure
-                errors.append(exc)
-        if self.upper is not None:
-            self.upper.close()
-        if errors:
-            raise errors[0]
+        """Close every layer, even if closing one fails or is cancelled; re-raise the
+        first failure."""
+        await close_layers(self.lowers, self.upper)
 
     # ---- whole-disk views (dump, commit of a stack) -------------------------------------
 
@@ -248,10 +241,20 @@ class Stack:
         return self.upper
 
     async def _source_read(self, tag: int, moffset: int, count: int) -> bytes:
+        """Exactly `count` sectors of one layer's data, or CorruptDataError: a short
+        result would shift every later byte of a read."""
         if tag == UPPER_TAG:
             assert self.upper is not None
-            return self.upper.read_sectors_sync(moffset, count)
-        return await self.lowers[tag].read_sectors(moffset, count)
+            data = self.upper.read_sectors_sync(moffset, count)
+        else:
+            data = await self.lowers[tag].read_sectors(moffset, count)
+        if len(data) != count * SECTOR:
+            name = self.upper.data_path if tag == UPPER_TAG else self.lowers[tag].name
+            raise CorruptDataError(
+                f"{name}: read of layer data at byte "
+                f"{moffset * SECTOR} returned {len(data)} of {count * SECTOR} bytes"
+            )
+        return data
 
     def _lookup(self, s0: int, s1: int) -> list[Piece]:
         """Data runs covering sectors [s0, s1), top layer first; coalesced per source."""
@@ -274,6 +277,24 @@ class Stack:
             pieces.sort()
             pieces = _coalesce(pieces)
         return [p for p in pieces if p[2] >= 0]
+
+
+async def close_layers(lowers: list[SealedLayer], upper: WritableLayer | None) -> None:
+    """Close lowers then the upper. A failure of one, even a BaseException such as
+    trio.Cancelled, does not skip the rest; the first one is re-raised at the end."""
+    first: BaseException | None = None
+    for layer in lowers:
+        try:
+            await layer.aclose()
+        except BaseException as exc:  # re-raised below
+            first = first or exc
+    try:
+        if upper is not None:
+            upper.close()
+    except BaseException as exc:  # re-raised below
+        first = first or exc
+    if first is not None:
+        raise first
 
 
 def _collect(
