@@ -140,6 +140,27 @@ def signals_raise() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """Within: cleanup signals are only recorded (main thread; elsewhere a no-op)."""
+    pending: list[int] = []
+
+    def defer(signum: int, _frame: object) -> None:
+        pending.append(signum)
+
+    previous = {}
+    for sig in sorted(_CLEANUP_SIGNALS):
+        try:
+            previous[sig] = signal.signal(sig, defer)
+        except ValueError:  # not the main thread
+            break
+    try:
+        yield pending
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 PREFIX = "obdfuse-build-"
 OWNER_FILE = "owner"
 
@@ -236,7 +257,20 @@ class Workspace:
         raise KeyError(name)
 
     def close(self) -> None:
-        """Undo everything still attached, newest first; then remove the directory."""
+        """Undo everything still attached, newest first; then remove the directory.
+
+        A SIGINT/SIGTERM/SIGHUP arriving meanwhile cannot cut the cleanup short: it
+        is deferred and raised as KeyboardInterrupt once everything is undone.
+        (Blocking the signals alone is not enough: the kernel delivers them to
+        any other thread that has them unblocked, and Python then runs the
+        handler in the main thread anyway.)
+        """
+        with _signals_deferred() as pending:
+            self._close()
+        if pending:
+            raise KeyboardInterrupt(f"signal {signal.Signals(pending[0]).name} during cleanup")
+
+    def _close(self) -> None:
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _CLEANUP_SIGNALS)
         errors = []
         try:

@@ -151,3 +151,31 @@ def test_a_killed_builders_leftovers_are_reaped_by_the_next_one(tmp_path: Path) 
 def test_a_live_builders_work_area_is_left_alone(tmp_path: Path) -> None:
     with Workspace(tmp_path) as first, Workspace(tmp_path) as second:
         assert first.path.exists() and second.path.exists()
+
+
+def test_a_signal_during_close_is_deferred_until_everything_is_undone(tmp_path: Path) -> None:
+    """With another thread alive, SIGINT must not cut the cleanup short (pthread_sigmask
+    covers only the main thread); it is raised once every undo has run."""
+    import threading
+
+    stop = threading.Event()
+    idle = threading.Thread(target=stop.wait)  # a thread with SIGINT unblocked
+    idle.start()
+    undone: list[str] = []
+    try:
+        ws = Workspace(tmp_path / "work")
+
+        def interrupted_undo() -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler runs during this
+            undone.append("second")
+
+        ws._push("first", lambda: undone.append("first"))
+        ws._push("second", interrupted_undo)
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            ws.close()
+        assert undone == ["second", "first"]
+        assert not ws.path.exists()
+    finally:
+        stop.set()
+        idle.join()
