@@ -264,12 +264,9 @@ class LogicalUnit:
         return data
 
     async def _write(self, lba: int, data: bytes | memoryview, fua: bool) -> None:
-        if len(data) % BLOCK:
-            # A short (residual-overflow) transfer: keep the rest of the last block.
-            tail_lba = lba + len(data) // BLOCK
-            old = await self._read(tail_lba, 1)
-            keep = len(data) % BLOCK
-            data = bytes(data) + old[keep:]
+        # A short (residual-overflow) transfer ends inside a block: the device keeps
+        # the rest of that block (BlockDevice writes need not be sector-aligned, and
+        # the Stack's read-modify-write is serialised against FUSE writes too).
         if data:
             await self.device.pwrite(lba * BLOCK, bytes(data))
         if fua:
