@@ -175,7 +175,8 @@ def test_dump_with_an_upper_directory(samples, tmp_path):
 )
 def test_cli_errors_are_one_clean_line(tmp_path, args, needles):
     garbage = tmp_path / "garbage"
-    garbage.write_bytes(os.urandom(20_000))
+    # Not a layer of any kind; starts with a NUL so it can never look like a JSON config.
+    garbage.write_bytes(b"\0" + os.urandom(19_999))
     config = tmp_path / "config.v1.json"
     config.write_text(json.dumps({"lowers": [{"file": "nowhere.commit"}]}))
     names = {
