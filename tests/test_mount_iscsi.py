@@ -71,3 +71,27 @@ def test_iscsi_serve_reads_a_registry_image_lazily(registry, samples, tmp_path) 
                        check=True, capture_output=True, timeout=120)
     assert _sha256(out) == L1_IMAGE_SHA256
     assert any((tmp_path / "cache").rglob("*")), "the registry image was read through the cache"
+
+
+def test_mount_iscsi_with_chap(mounts, samples) -> None:
+    port = free_port()
+    mounts.mount(samples / "layers" / "l1.commit", "--iscsi", f"127.0.0.1:{port}",
+                 "--iqn", IQN, "--chap", "alice:secret-of-alice")
+    wait_for_port(port)
+    url = f"127.0.0.1:{port}/{IQN}/0"
+    good = subprocess.run(["iscsi-inq", f"iscsi://alice%secret-of-alice@{url}"],
+                          capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0, good.stderr
+    assert "DIRECT_ACCESS" in good.stdout
+    for bad_url in (f"iscsi://{url}", f"iscsi://alice%wrong-secret-xx@{url}"):
+        bad = subprocess.run(["iscsi-inq", bad_url], capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0
+
+
+def test_iscsi_options_without_iscsi_are_a_usage_error(mounts, samples, tmp_path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = mounts.obdfuse("mount", "--chap", "alice:secret-of-alice",
+                          str(samples / "layers" / "l1.commit"), str(mnt))
+    assert proc.returncode != 0
+    assert "--iscsi HOST:PORT" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,8 +16,8 @@ IscsiService = Callable[[BlockDevice], Awaitable[None]]
 def iscsi_export_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add --iscsi, --iqn and --chap to a command (they arrive as iscsi_* keyword arguments)."""
     command = click.option(
-        "--iscsi-chap", "iscsi_chap", metavar="USER:SECRET", default=None,
-        help="Require one-way CHAP from iSCSI initiators.")(command)
+        "--chap", "--iscsi-chap", "iscsi_chap", metavar="USER:SECRET", default=None,
+        help="Require one-way CHAP from iSCSI initiators (with --iscsi).")(command)
     command = click.option(
         "--iqn", "iscsi_iqn", default=None,
         help="iSCSI target name [default: iqn.2024-01.io.obdfuse:image].")(command)
@@ -33,7 +33,7 @@ def iscsi_service_from(
     """Validate the options now (one clear error before the daemon starts); the service to run."""
     if iscsi_listen is None:
         if iscsi_iqn or iscsi_chap:
-            raise click.UsageError("--iqn and --iscsi-chap need --iscsi HOST:PORT")
+            raise click.UsageError("--iqn and --chap need --iscsi HOST:PORT")
         return None
     from obdfuse.cli.iscsi_cmd import parse_chap
     from obdfuse.iscsi.login import ChapCredentials
@@ -43,7 +43,7 @@ def iscsi_service_from(
         host, port = parse_listen(iscsi_listen)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--iscsi") from exc
-    pair = parse_chap(iscsi_chap, "--iscsi-chap")
+    pair = parse_chap(iscsi_chap, "--chap")
     chap = ChapCredentials(pair[0], pair[1]) if pair else None
     if not is_loopback(host) and chap is None:
         click.echo(f"obdfuse: warning: iSCSI on {host} without CHAP: anyone who can reach "
