@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import select
 import socket
-import threading
 from dataclasses import dataclass, field
 
 import trio
@@ -40,12 +37,6 @@ BATCH_QUEUE = 16
 EXECUTORS = 4
 BATCH_BYTES = 256 * 1024
 LINGER_BYTES = 4 << 20
-# Flushes holding a Data-In payload at least this big are sent from a worker thread: on
-# loopback the kernel does the receiver's TCP work inside the sender's call, and meanwhile
-# the trio thread can parse and read the next commands (the GIL is released during the
-# system call). Small responses stay on the trio thread (a thread hop costs more).
-THREAD_SEND_BYTES = 64 * 1024
-THREAD_POLL_SECONDS = 0.25
 
 
 @dataclass
@@ -146,18 +137,12 @@ class IscsiServer:
         portal = f"[{host}]:{sockname[1]}" if ":" in host else f"{host}:{sockname[1]}"
         conn = Connection(self.config, portal=portal)
         send_lock = trio.Lock()
-        stopped = threading.Event()
 
         async def flush() -> None:
             async with send_lock:
                 parts = conn.data_to_send()
-                if not parts:
-                    return
-                if max(len(p) for p in parts) < THREAD_SEND_BYTES:
+                if parts:
                     await _send_vectored(stream.socket, parts)
-                    return
-                await trio.to_thread.run_sync(_send_in_thread, stream.socket.fileno(), parts,
-                                              stopped, abandon_on_cancel=True)
 
         scope = trio.CancelScope()
         key = None
@@ -174,7 +159,6 @@ class IscsiServer:
             if not scope.cancelled_caught and (conn.full_feature or conn.closing):
                 await self._linger(stream)
         finally:
-            stopped.set()
             conn.nexus_lost()
             if key is not None and self._sessions.by_key.get(key) is scope:
                 del self._sessions.by_key[key]
@@ -269,34 +253,6 @@ async def _send_vectored(sock, parts: list) -> None:
             else:
                 views[0] = views[0][sent:]
                 sent = 0
-
-
-def _send_in_thread(fileno: int, parts: list, stopped: threading.Event) -> None:
-    """Blocking vectored send on a duplicate of the connection's (non-blocking) socket;
-    gives up once the connection is gone (`stopped`), also when trio abandoned us."""
-    sock = socket.socket(fileno=os.dup(fileno))
-    try:
-        views = [memoryview(p) for p in parts]
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
-        while views:
-            if stopped.is_set():
-                raise trio.ClosedResourceError("connection closed during a send")
-            try:
-                sent = sock.sendmsg(views[:IOV_MAX])
-            except BlockingIOError:
-                poller.poll(THREAD_POLL_SECONDS * 1000)
-                continue
-            while sent and views:
-                n = views[0].nbytes
-                if sent >= n:
-                    sent -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
-    finally:
-        sock.close()  # the duplicate only
 
 
 def _batches(tasks: list) -> list[list]:
