@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from obdfuse.device import BlockDevice
+from obdfuse.fileio import _libc
 from obdfuse.iscsi.login import ChapCredentials
 from obdfuse.iscsi.scsi import LogicalUnit
 from obdfuse.iscsi.session import Connection, TargetConfig
@@ -37,6 +38,12 @@ BATCH_QUEUE = 16
 EXECUTORS = 4
 BATCH_BYTES = 256 * 1024
 LINGER_BYTES = 4 << 20
+# glibc serves allocations above its mmap threshold (128 KiB until a freed mapping raises
+# it) with a fresh mmap, and gives heap top back above its trim threshold: either way each
+# 256 KiB read buffer costs page faults. Fixed thresholds keep them on a warm heap.
+MALLOC_MMAP_THRESHOLD = 4 << 20
+MALLOC_TRIM_THRESHOLD = 16 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 @dataclass
@@ -92,6 +99,7 @@ class IscsiServer:
     async def serve(self, host: str, port: int, *,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve forever; `task_status.started` gets the bound port."""
+        _keep_buffers_on_the_heap()
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("iSCSI target %s listening on %s:%d", self.config.iqn, host, bound)
@@ -238,6 +246,14 @@ class IscsiServer:
                         pending = conn.receive_data(data)
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def _keep_buffers_on_the_heap() -> None:
+    """Fix glibc's malloc thresholds (see MALLOC_MMAP_THRESHOLD); no-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = _libc()
+        libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
 
 
 async def _send_vectored(sock, parts: list) -> None:
