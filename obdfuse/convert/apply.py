@@ -40,6 +40,7 @@ from typing import BinaryIO
 import zstandard
 
 from obdfuse.errors import FormatError, ObdfuseError
+from obdfuse.fileio import pwrite_all
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -716,7 +717,7 @@ def write_sparse(fd: int, offset: int, data: bytes) -> None:
     """
     n = len(data)
     if data.find(_ZERO_BLOCK) < 0:  # the common case: no zero block at all
-        _pwrite_all(fd, memoryview(data), offset)
+        pwrite_all(fd, memoryview(data), offset)
         return
     if n == COPY_CHUNK and data == _ZERO_CHUNK:
         return
@@ -725,18 +726,12 @@ def write_sparse(fd: int, offset: int, data: bytes) -> None:
     for pos in range(0, n, SPARSE_BLOCK):
         zero = view[pos : pos + SPARSE_BLOCK] == _ZERO_BLOCK[: min(SPARSE_BLOCK, n - pos)]
         if zero and start is not None:
-            _pwrite_all(fd, view[start:pos], offset + start)
+            pwrite_all(fd, view[start:pos], offset + start)
             start = None
         elif not zero and start is None:
             start = pos
     if start is not None:
-        _pwrite_all(fd, view[start:], offset + start)
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
+        pwrite_all(fd, view[start:], offset + start)
 
 
 def mtime_ns(member: tarfile.TarInfo) -> int:

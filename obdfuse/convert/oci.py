@@ -19,13 +19,13 @@ import os
 import platform as host_platform
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from obdfuse.errors import CorruptDataError, FormatError
+from obdfuse.fileio import atomic_output
 
 # Media types (OCI image-spec media-types.md; Docker image manifest v2 schema 2).
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -468,15 +468,5 @@ def _index_doc(manifests: list[dict[str, Any]]) -> bytes:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as f:
+        f.write(data)
