@@ -263,6 +263,14 @@ class LogicalUnit:
             data = data + bytes(n * BLOCK - len(data))
         return data
 
+    def _transfer(self, cdb: bytes) -> tuple[int, int]:
+        """(LBA, block count) of a read/write CDB, range-checked and within the transfer limit."""
+        lba, n = self._lba_len(cdb)
+        self._check_range(lba, n)
+        if n > MAX_TRANSFER_BLOCKS:
+            raise illegal()
+        return lba, n
+
     async def _write(self, lba: int, data: bytes | memoryview, fua: bool) -> None:
         # A short (residual-overflow) transfer ends inside a block: the device keeps
         # the rest of that block (BlockDevice writes need not be sector-aligned, and
@@ -285,10 +293,7 @@ class LogicalUnit:
         op = cdb[0]
         if op != 0x08 and cdb[1] & 0xE0:  # RDPROTECT without protection information
             raise illegal()
-        lba, n = self._lba_len(cdb)
-        self._check_range(lba, n)
-        if n > MAX_TRANSFER_BLOCKS:
-            raise illegal()
+        lba, n = self._transfer(cdb)
         if n == 0:
             return ScsiResult()
         return ScsiResult(data=await self._read(lba, n))
@@ -297,10 +302,7 @@ class LogicalUnit:
         op = cdb[0]
         if op != 0x0A and cdb[1] & 0xE0:  # WRPROTECT
             raise illegal()
-        lba, n = self._lba_len(cdb)
-        self._check_range(lba, n)
-        if n > MAX_TRANSFER_BLOCKS:
-            raise illegal()
+        lba, n = self._transfer(cdb)
         self._check_writable()
         if n == 0:
             return ScsiResult()
@@ -311,10 +313,7 @@ class LogicalUnit:
     async def _write_verify(self, nexus, cdb, data) -> ScsiResult:
         if cdb[1] & 0xE0:
             raise illegal()
-        lba, n = self._lba_len(cdb)
-        self._check_range(lba, n)
-        if n > MAX_TRANSFER_BLOCKS:
-            raise illegal()
+        lba, n = self._transfer(cdb)
         self._check_writable()
         if n:
             await self._write(lba, memoryview(data)[: n * BLOCK], True)
@@ -326,10 +325,7 @@ class LogicalUnit:
         bytchk = (cdb[1] >> 1) & 0x03
         if bytchk not in (0, 1):
             raise illegal()
-        lba, n = self._lba_len(cdb)
-        self._check_range(lba, n)
-        if n > MAX_TRANSFER_BLOCKS:
-            raise illegal()
+        lba, n = self._transfer(cdb)
         if n == 0:
             return ScsiResult()
         current = await self._read(lba, n)
@@ -365,10 +361,7 @@ class LogicalUnit:
     async def _orwrite(self, nexus, cdb, data) -> ScsiResult:
         if cdb[1] & 0xE0:
             raise illegal()
-        lba, n = self._lba_len(cdb)
-        self._check_range(lba, n)
-        if n > MAX_TRANSFER_BLOCKS:
-            raise illegal()
+        lba, n = self._transfer(cdb)
         self._check_writable()
         if n == 0:
             return ScsiResult()
